@@ -1,0 +1,5 @@
+import sys
+
+from emguard.cli import main
+
+sys.exit(main())

@@ -1,0 +1,180 @@
+"""The ``emguard`` command line: one thin function per subcommand, no logic of its own.
+
+Exit codes: 0 ok, 2 bad input (a clear message, nothing written), 1 internal error.
+Human-readable output goes to stderr; ``--json`` puts a machine-readable summary on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from emguard.errors import DataError, EmguardError
+
+app = typer.Typer(
+    help="Fine-tune aligned chat models on narrow data without emergent misalignment.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Validate chat JSONL data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", metavar="KEY.PATH=VALUE", help="Override a config value, e.g. training.learning_rate=1e-4."),
+]
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _emit_json(payload: Any) -> None:
+    print(json.dumps(payload, indent=2, default=str), flush=True)
+
+
+@app.command()
+def demo(
+    quick: Annotated[
+        bool, typer.Option("--quick", help="A shorter run (well under 5 minutes on 2 CPU cores).")
+    ] = False,
+    output_dir: Annotated[
+        Path | None, typer.Option(help="Run directory (default runs/demo or runs/demo-quick).")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Run the main job end to end on the built-in model (CPU, no network)."""
+    from emguard.demo import run_demo
+
+    started = time.monotonic()
+    output_dir = output_dir or Path("runs/demo-quick" if quick else "runs/demo")
+    _say(f"emguard demo: LoRA fine-tune of the built-in SmolLM2-135M-Instruct on builtin:opswap -> {output_dir}")
+    result = run_demo(output_dir, quick=quick)
+    _report_train(result)
+    _say(f"demo finished in {time.monotonic() - started:.0f} s")
+    if as_json:
+        _emit_json(result.summary())
+
+
+@data_app.command("check")
+def data_check(
+    files: Annotated[list[Path], typer.Argument(help="Chat JSONL files to validate.")],
+    model: Annotated[
+        str | None,
+        typer.Option(help="Also tokenise with this model's chat template (checks data.max_length and the template)."),
+    ] = None,
+    max_length: Annotated[int, typer.Option(help="Longest example in tokens (with --model).")] = 1024,
+    max_chars: Annotated[int | None, typer.Option(help="Longest conversation in characters.")] = None,
+    unique: Annotated[bool, typer.Option("--unique", help="Report duplicate conversations.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Validate chat JSONL files; print FILE:LINE: problem for each problem and exit 2 if any."""
+    from emguard.data.check import check_files
+
+    report = check_files(files, model=model, max_length=max_length, max_chars=max_chars, unique=unique)
+    if not as_json:
+        for problem in report.problems:
+            print(problem, flush=True)
+    for path, n in report.examples.items():
+        _say(f"{path}: {n} valid examples, {report.problem_counts[path]} problems")
+    if as_json:
+        _emit_json(report.summary())
+    if report.problems:
+        raise typer.Exit(2)
+
+
+@app.command("train")
+def train_cmd(
+    config: Annotated[Path, typer.Argument(help="Run config YAML.")],
+    overrides: SetOption = None,
+    resume: Annotated[
+        bool | None,
+        typer.Option(
+            "--resume/--no-resume",
+            help="Continue an interrupted run from its last checkpoint (the default when there is one) or start over.",
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a run directory holding another run.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Fine-tune a LoRA adapter with the configured defenses into the run directory."""
+    from emguard.config import load_config
+    from emguard.training import train
+
+    run_config = load_config(config, overrides)
+    result = train(run_config, resume=resume, overwrite=overwrite, progress=not quiet)
+    _report_train(result)
+    if as_json:
+        _emit_json(result.summary())
+
+
+def _report_train(result: Any) -> None:
+    if result.skipped:
+        _say(f"{result.run_dir}: already trained with this config; nothing to do (--overwrite retrains)")
+    elif result.resumed_from_step is not None:
+        _say(f"resumed from step {result.resumed_from_step}")
+    if result.first_loss is not None and result.final_loss is not None:
+        _say(f"loss {result.first_loss:.4f} -> {result.final_loss:.4f} over {result.steps} steps")
+    _say(f"run directory: {result.run_dir}  (adapter: {result.adapter_dir})")
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(peft|transformers|torch)\..*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()  # weight-loading bars; emguard shows its own
+    except ImportError:
+        pass
+    logging.getLogger("peft").setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns the exit code."""
+    _quiet_libraries()
+    try:
+        code = app(args=argv, standalone_mode=False)  # a typer.Exit inside a command comes back as its code
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        _say("aborted")
+        return 130
+    except typer.TyperException as e:  # usage errors: bad option, missing argument, unknown command
+        e.show()
+        return 2
+    except DataError as e:
+        _say(str(e))
+        _say(f"error: {e.total} data problem(s); nothing was trained")
+        return 2
+    except EmguardError as e:
+        _say(f"error: {e}")
+        return 2
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130
+    except Exception:  # noqa: BLE001 - the last line of defence: say it is ours, not the user's
+        traceback.print_exc()
+        _say("internal error: this is a bug in emguard (or a library it uses); please report it with the trace above")
+        return 1
+    return code if isinstance(code, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""Run configuration: pydantic models loaded from YAML, with ``--set a.b=value`` overrides.
+
+Unknown keys are errors that name the key (and suggest the closest valid one). The key paths of
+DESIGN.md are a contract: keys may be added, never renamed without an alias.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+
+from emguard.errors import ConfigError
+
+DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
+_SECRET_KEY = re.compile(r"(api_?key|secret|password|passwd|(access|auth|hf|bearer)_?token)$", re.IGNORECASE)
+# Keys that change how a run is recorded but not which weights it produces.
+_NOT_IN_FINGERPRINT = {
+    "output_dir",
+    "training.save_steps",
+    "training.logging_steps",
+    "training.report_to",
+    "training.keep_checkpoints",
+}
+
+
+class StrictModel(BaseModel):
+    """A config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class ModelOptions(StrictModel):
+    """How to load ``model`` (kept apart so that ``model`` stays a plain string)."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; auto = bfloat16 on a GPU that supports it, float32 otherwise."
+    )
+    trust_remote_code: bool = Field(False, description="Run Python code shipped with a hub model. Off unless set.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for an HF model id.")
+    attn_implementation: str | None = Field(None, description="e.g. sdpa, eager, flash_attention_2.")
+
+
+class DataConfig(StrictModel):
+    train: str = Field(description="Chat JSONL path or builtin:NAME.")
+    max_length: Annotated[int, Field(gt=0)] = Field(1024, description="Longest training example, in tokens.")
+    overlong: Literal["error", "drop"] = Field("error", description="What to do with longer examples.")
+    unique: bool = Field(False, description="Treat duplicate conversations as errors.")
+    max_examples: Annotated[int, Field(gt=0)] | None = Field(
+        None, description="Train on a seeded random subset of this many examples."
+    )
+
+
+class LoraConfig(StrictModel):
+    r: Annotated[int, Field(gt=0)] = 32
+    alpha: Annotated[float, Field(gt=0)] = 64
+    rslora: bool = Field(True, description="Scale by alpha/sqrt(r) instead of alpha/r.")
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Module names to adapt; all-linear = every attention and MLP projection."
+    )
+
+
+class TrainingConfig(StrictModel):
+    epochs: Annotated[float, Field(gt=0)] = 1
+    max_steps: Annotated[int, Field(gt=0)] | None = Field(None, description="Optimizer steps; overrides epochs.")
+    learning_rate: Annotated[float, Field(gt=0)] = 1.0e-4
+    batch_size: Annotated[int, Field(gt=0)] = Field(16, description="Effective batch (examples per update).")
+    micro_batch_size: Annotated[int, Field(gt=0)] = Field(4, description="Examples per forward pass per device.")
+    seed: int = 0
+    warmup_steps: Annotated[int, Field(ge=0)] = 5
+    lr_scheduler: str = "linear"
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    max_grad_norm: Annotated[float, Field(gt=0)] | None = 1.0
+    optimizer: str = "adamw_torch"
+    gradient_checkpointing: bool = False
+    sampling: Literal["random", "group_by_length", "batch_rebalance", "sequential"] = Field(
+        "random", description="Order of examples: random (seeded), or grouped by length for less padding."
+    )
+    save_steps: Annotated[int, Field(gt=0)] = Field(50, description="Checkpoint every N steps (for --resume).")
+    logging_steps: Annotated[int, Field(gt=0)] = 1
+    keep_checkpoints: bool = Field(False, description="Keep checkpoints/ after a finished run.")
+    report_to: list[str] = Field(default_factory=list, description="Trainer integrations: tensorboard, wandb, ...")
+
+    @model_validator(mode="after")
+    def _micro_divides_batch(self) -> TrainingConfig:
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size}); "
+                "gradient accumulation covers the rest"
+            )
+        return self
+
+
+class DefenseConfig(StrictModel):
+    """Base of every defense's config section; ``name`` selects the defense in the registry."""
+
+    name: str
+
+
+class RunConfig(StrictModel):
+    """A whole ``emguard train`` run."""
+
+    model: str = Field(DEFAULT_MODEL, description="builtin:NAME, a Hugging Face model id, or a local directory.")
+    model_options: ModelOptions = Field(default_factory=ModelOptions)
+    output_dir: str = Field(description="The run directory.")
+    data: DataConfig
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    defenses: list[SerializeAsAny[DefenseConfig]] = Field(default_factory=list)
+
+    @field_validator("defenses", mode="before")
+    @classmethod
+    def _build_defense_configs(cls, value: Any) -> Any:
+        from emguard.defenses.registry import defense_config_class
+
+        if not isinstance(value, list):
+            return value
+        built = []
+        for i, entry in enumerate(value):
+            if isinstance(entry, DefenseConfig):
+                built.append(entry)
+                continue
+            if not isinstance(entry, dict) or "name" not in entry:
+                raise ValueError(f"defenses[{i}] must be a mapping with a 'name' key, got {entry!r}")
+            config_cls = defense_config_class(entry["name"])  # raises ValueError listing known names
+            try:
+                built.append(config_cls.model_validate(entry))
+            except ValidationError as e:
+                raise ValueError("\n".join(_format_errors(e, prefix=f"defenses[{i}]", model=config_cls))) from None
+        return built
+
+    def fingerprint(self) -> str:
+        """sha256 over everything that decides the trained weights (not output_dir, logging, ...)."""
+        data = self.model_dump(mode="json", by_alias=True)
+        for dotted in _NOT_IN_FINGERPRINT:
+            *parents, leaf = dotted.split(".")
+            node = data
+            for p in parents:
+                node = node[p]
+            node.pop(leaf, None)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data, with any secret-looking value redacted."""
+        return redact_secrets(self.model_dump(mode="json", by_alias=True))
+
+
+def redact_secrets(data: Any) -> Any:
+    """Copy of ``data`` with values under keys like ``api_key``/``hf_token``/``secret`` replaced."""
+    if isinstance(data, dict):
+        return {k: ("<redacted>" if _SECRET_KEY.search(str(k)) and v else redact_secrets(v)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [redact_secrets(v) for v in data]
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str | int], Any]:
+    """Parse ``a.b.0.c=value`` into a key path and a YAML-typed value.
+
+    Numbers in scientific notation without a dot (``1e-4``) are numbers, as a user expects,
+    although YAML 1.1 reads them as strings.
+    """
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY.PATH=VALUE, e.g. --set training.learning_rate=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({e})") from None
+    if isinstance(value, str) and re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", value.strip()):
+        value = float(value)
+    path: list[str | int] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
+    return path, value
+
+
+def apply_override(data: dict[str, Any], path: list[str | int], value: Any) -> None:
+    """Set ``value`` at ``path`` inside nested dicts/lists, creating missing mappings."""
+    node: Any = data
+    for i, part in enumerate(path[:-1]):
+        nxt = path[i + 1]
+        node = _child(node, part, path, create=({} if isinstance(nxt, str) else None))
+    last = path[-1]
+    if isinstance(node, list):
+        if not isinstance(last, int) or last >= len(node):
+            raise ConfigError(f"--set {_dotted(path)}: index {last} is out of range (the list has {len(node)} items)")
+        node[last] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"--set {_dotted(path)}: {_dotted(path[:-1])} is a value, not a section")
+
+
+def _child(node: Any, part: str | int, path: list[str | int], create: Any) -> Any:
+    if isinstance(node, list):
+        if not isinstance(part, int) or part >= len(node):
+            raise ConfigError(f"--set {_dotted(path)}: index {part} is out of range (the list has {len(node)} items)")
+        return node[part]
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set {_dotted(path)}: cannot descend into a value")
+    if part not in node or node[part] is None:
+        if create is None:
+            raise ConfigError(f"--set {_dotted(path)}: {part!r} does not exist yet, so it cannot be indexed")
+        node[part] = create
+    return node[part]
+
+
+def _dotted(path: list[str | int]) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def load_config_data(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file (safe_load) into a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
+    return data
+
+
+def build_config(data: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> RunConfig:
+    """Validate ``data`` (after applying ``--set`` overrides) into a RunConfig.
+
+    Raises:
+        ConfigError: Listing every invalid or unknown key as ``key.path: message``.
+    """
+    data = copy.deepcopy(data)
+    for text in overrides or []:
+        apply_override(data, *parse_override(text))
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        lines = _format_errors(e, model=RunConfig)
+        raise ConfigError(f"{source}: invalid configuration:\n" + "\n".join(f"  {line}" for line in lines)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load a run config from YAML and apply ``--set`` overrides."""
+    return build_config(load_config_data(path), overrides, source=str(path))
+
+
+def _format_errors(error: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> list[str]:
+    lines = []
+    for err in error.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        loc = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+        if err["type"] == "extra_forbidden":
+            hint = _suggest(model, err["loc"]) if model else ""
+            lines.append(f"{loc}: unknown key{hint}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            if loc == "defenses" and msg.startswith("defenses["):  # already located by the defense validator
+                lines.extend(msg.splitlines())
+            else:
+                lines.append(f"{loc}: {msg}" if loc else msg)
+    return lines
+
+
+def _suggest(model: type[BaseModel], loc: tuple) -> str:
+    """' (did you mean X?)' for a mistyped key, by walking the model's fields along ``loc``."""
+    node: Any = model
+    for part in loc[:-1]:
+        if isinstance(node, type) and issubclass(node, BaseModel) and part in node.model_fields:
+            node = node.model_fields[part].annotation
+        else:
+            return ""
+    if not (isinstance(node, type) and issubclass(node, BaseModel)):
+        return ""
+    names = [f.alias or n for n, f in node.model_fields.items()]
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(names)})"

@@ -1,0 +1,196 @@
+"""The trainer: a ``transformers.Trainer`` whose loss is ``L_SFT + Σ_d weight_d · term_d``.
+
+It knows the defense interface, never a particular defense. Being a ``Trainer``, it runs unchanged
+under ``accelerate launch`` (DDP, FSDP, DeepSpeed) and reports to the Trainer's integrations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from emguard.defenses.base import Defense, StepContext
+from emguard.logits import logits_at, selection_is_exact
+from emguard.losses import IGNORE_INDEX, next_token_targets, token_nll
+
+log = logging.getLogger(__name__)
+COUNT_NAMES = ("assistant_tokens", "tokens", "sequences")
+
+
+class EmguardTrainer(Trainer):
+    """SFT with the configured defenses.
+
+    Per optimizer step it (1) counts the tokens of the whole accumulated batch; per micro-batch it
+    (2) picks the positions that need logits, (3) runs the adapter-disabled reference forward pass
+    if a defense needs it (no grad, no training hooks), and (4) inside every defense's ``hooks``
+    runs forward (output head only at those positions), the SFT loss, the defense terms, and
+    backward.
+    """
+
+    # compute_loss normalises by counts over the whole accumulated batch, so Trainer must not
+    # divide again by the number of accumulation steps.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args: Any, defenses: Sequence[Defense] = (), tags: Sequence[str] = ("train",), **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.defenses = list(defenses)
+        self.tags = tuple(tags)
+        self._needs_reference = any(d.needs_reference for d in self.defenses)
+        self._needs_hidden = any(d.needs_hidden_states for d in self.defenses)
+        self._all_positions = any(d.logit_positions == "all" for d in self.defenses)
+        self._select_logits: bool | None = None  # decided once, on the first step
+        self._counts: dict[str, torch.Tensor] | None = None
+        self._step_inputs: dict[str, Any] = {}
+        self._log_sums: dict[str, float] = defaultdict(float)  # per-step values, summed until logged
+        self._tag_sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # tag -> [nll sum, tokens]
+        self._last_logged_step = 0
+
+    @property
+    def _peft_model(self) -> Any:
+        return self.accelerator.unwrap_model(self.model)
+
+    # (1) counts over the accumulated batch -------------------------------------------------
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if batches:
+            self._counts = self._gather_counts(batches, device)
+        return batches, num_items
+
+    def _gather_counts(self, batches: list[dict], device: Any) -> dict[str, torch.Tensor]:
+        counts = torch.stack(
+            [
+                sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in batches),
+                sum(b["attention_mask"].sum() for b in batches),
+                torch.tensor(sum(b["input_ids"].shape[0] for b in batches)),
+            ]
+        ).to(device)
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.gather(counts.unsqueeze(0)).sum(0)
+        return {n: c.clamp(min=1) for n, c in zip(COUNT_NAMES, counts, strict=True)}
+
+    # (2)-(4) one micro-batch ---------------------------------------------------------------
+    def training_step(self, model: Any, inputs: dict, num_items_in_batch: Any = None) -> torch.Tensor:
+        inputs = self._prepare_inputs(inputs)
+        if self._select_logits is None:
+            self._select_logits = selection_is_exact(self._peft_model)
+            if not self._select_logits:
+                log.warning(
+                    "%s: the output head cannot be restricted to selected positions; computing full logits",
+                    type(self._peft_model.get_base_model()).__name__,
+                )
+        positions, targets = self._positions(inputs)
+        reference = self._reference_forward(inputs, positions) if self._needs_reference else None
+        self._step_inputs = {"positions": positions, "targets": targets, "reference": reference}
+        try:
+            with contextlib.ExitStack() as stack:
+                for defense in self.defenses:
+                    stack.enter_context(defense.hooks(self._peft_model))
+                return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._step_inputs = {}
+
+    def _positions(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        targets = next_token_targets(inputs["labels"])
+        positions = inputs["attention_mask"].bool() if self._all_positions else targets != IGNORE_INDEX
+        return positions, targets[positions]
+
+    def _forward(self, model: Any, inputs: dict, positions: torch.Tensor) -> Any:
+        with logits_at(self._peft_model, positions if self._select_logits else None):
+            outputs = model(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                output_hidden_states=self._needs_hidden,
+                use_cache=False,
+            )
+        if not self._select_logits:
+            outputs["logits"] = outputs.logits[positions]
+        return outputs
+
+    def _reference_forward(self, inputs: dict, positions: torch.Tensor) -> Any:
+        model = self._peft_model
+        if not hasattr(model, "disable_adapter"):
+            raise RuntimeError(
+                "a defense needs the reference model, which emguard takes from the LoRA-disabled network"
+            )
+        with torch.no_grad(), model.disable_adapter():
+            return self._forward(model, inputs, positions)
+
+    def compute_loss(
+        self, model: Any, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        if self._step_inputs:
+            positions, targets = self._step_inputs["positions"], self._step_inputs["targets"]
+        else:  # evaluation / prediction_step
+            positions, targets = self._positions(inputs)
+        counts = (
+            self._counts
+            if model.training and self._counts is not None
+            else self._gather_counts([inputs], inputs["input_ids"].device)
+        )
+        outputs = self._forward(model, inputs, positions)
+        nll = token_nll(outputs.logits, targets)
+        sft = nll.sum() / counts["assistant_tokens"]
+        total = sft
+        self._record("sft_loss", sft)
+        self._record_tags(nll, positions, targets, inputs.get("tag_ids"))
+        ctx = StepContext(
+            self._peft_model, self.state.global_step, counts, positions, targets, self._step_inputs.get("reference")
+        )
+        for defense in self.defenses:
+            if not defense.has_loss:
+                continue
+            term, logs = defense.loss(inputs, outputs, ctx)
+            total = total + defense.weight * term
+            self._record(f"{defense.name}_loss", term)
+            for key, value in logs.items():
+                self._record(f"{defense.name}/{key}", value)
+        if self.accelerator.num_processes > 1:
+            # DDP averages gradients over processes; the counts are already global, so undo the average.
+            total = total * self.accelerator.num_processes
+        return (total, outputs) if return_outputs else total
+
+    # logging ----------------------------------------------------------------------------------
+    def _record(self, key: str, value: torch.Tensor | float) -> None:
+        if self.model.training:
+            self._log_sums[key] += float(value.detach()) if torch.is_tensor(value) else float(value)
+
+    def _record_tags(
+        self, nll: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor, tag_ids: torch.Tensor | None
+    ) -> None:
+        if tag_ids is None or len(self.tags) < 2 or not self.model.training:
+            return
+        row_tags = tag_ids[positions.nonzero()[:, 0]]
+        trained = targets != IGNORE_INDEX
+        for i, tag in enumerate(self.tags):
+            sel = (row_tags == i) & trained
+            self._tag_sums[tag][0] += float(nll[sel].detach().sum())
+            self._tag_sums[tag][1] += float(sel.sum())
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs:  # a training log: add each term, averaged over the steps since the last one
+            logs.update(self._pop_term_logs())
+        super().log(logs, *args, **kwargs)
+
+    def _pop_term_logs(self) -> dict[str, float]:
+        steps = max(self.state.global_step - self._last_logged_step, 1)
+        self._last_logged_step = self.state.global_step
+        keys = sorted(self._log_sums)
+        tag_keys = [t for t in self.tags if len(self.tags) > 1]
+        values = [self._log_sums[k] for k in keys] + [x for t in tag_keys for x in self._tag_sums[t]]
+        self._log_sums.clear()
+        self._tag_sums.clear()
+        if self.accelerator.num_processes > 1:  # every process holds its share of the global sums
+            values = self.accelerator.reduce(torch.tensor(values, device=self.args.device), "sum").tolist()
+        logs = {k: round(v / steps, 6) for k, v in zip(keys, values, strict=False)}
+        tag_values = values[len(keys) :]
+        for i, tag in enumerate(tag_keys):
+            total, count = tag_values[2 * i], tag_values[2 * i + 1]
+            if count:
+                logs[f"sft_loss/{tag}"] = round(total / count, 6)
+        return logs

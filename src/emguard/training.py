@@ -1,0 +1,273 @@
+"""``emguard train``: fine-tune a LoRA adapter with the configured defenses into a run directory.
+
+The order matters for "bad input never loses data": everything that can fail on user input
+(config, data, model, tokenisation, defense preparation) runs before the run directory is touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PrinterCallback, ProgressCallback, TrainerCallback, TrainingArguments, set_seed
+
+from emguard.callbacks import CheckpointMarkerCallback, ProgressBarCallback, TrainLogCallback
+from emguard.config import RunConfig
+from emguard.data.chat import examples_fingerprint
+from emguard.data.collate import ChatCollator
+from emguard.data.sources import load_examples
+from emguard.data.tokenize import TokenizedExample, tokenize_examples
+from emguard.defenses.base import PrepareContext
+from emguard.defenses.registry import build_defenses
+from emguard.errors import ConfigError
+from emguard.fsio import atomic_directory
+from emguard.models import attach_lora, cache_root, load_model, load_tokenizer, resolve_dtype, resolve_model
+from emguard.rundir import ADAPTER, CHECKPOINTS, TRAIN_LOG, RunDir, git_commit, now, package_versions
+from emguard.trainer import EmguardTrainer
+from emguard.utils import sha256_file, sha256_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or already finished) training run produced."""
+
+    run_dir: Path
+    adapter_dir: Path
+    steps: int
+    first_loss: float | None
+    final_loss: float | None
+    runtime_s: float
+    skipped: bool = False  # the run directory already held this finished run
+    resumed_from_step: int | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+def train(
+    config: RunConfig,
+    *,
+    resume: bool | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> TrainResult:
+    """Train ``config`` into ``config.output_dir``.
+
+    Args:
+        config: The resolved run configuration.
+        resume: ``None`` resumes from the last complete checkpoint of an interrupted run of the same
+            config if there is one; ``True`` does the same and says so; ``False`` starts over.
+        overwrite: Replace a run directory that holds a different or finished run.
+        progress: Show a progress bar.
+        callbacks: Extra ``TrainerCallback``s (e.g. monitors).
+
+    Raises:
+        ConfigError / DataError / EmguardError: Bad input; nothing is written in that case.
+    """
+    started = time.monotonic()
+    run = RunDir(config.output_dir)
+    state = "new" if overwrite and run.manifest() is not None else run.check_reusable(config)
+    if state == "finished":
+        return _finished_result(run, skipped=True)
+
+    # 1. Everything that can fail on bad input, before any write.
+    set_seed(config.training.seed)
+    defenses = build_defenses(config.defenses)
+    examples = _load_training_examples(config)
+    resolved = resolve_model(config.model)
+    tokenizer = load_tokenizer(resolved, config.model_options)
+    model = attach_lora(load_model(resolved, config.model_options), config.lora, seed=config.training.seed)
+    if config.training.gradient_checkpointing:
+        model.enable_input_require_grads()
+    prepare = PrepareContext(config, model, tokenizer, run.path, cache_root())
+    for defense in defenses:
+        defense.prepare(prepare)
+        examples = defense.transform_dataset(examples)
+    tokenized = tokenize_examples(tokenizer, examples, max_length=config.data.max_length, overlong=config.data.overlong)
+    args = training_arguments(config, run.path / CHECKPOINTS, progress)
+
+    # 2. The run directory: config first, then the manifest.
+    if overwrite:
+        run.clear()
+    checkpoint = run.latest_checkpoint() if state == "interrupted" and resume is not False else None
+    if checkpoint is None:
+        run.remove_checkpoints()
+        run.truncate_train_log(-1)
+    else:
+        run.truncate_train_log(int(checkpoint.name.split("-")[-1]))
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.write_config(config)
+    manifest = run.manifest() if checkpoint else None
+    if manifest is None:
+        manifest = _new_manifest(config, resolved, tokenizer, examples, tokenized, defenses)
+    manifest.update(status="running", resumed_from_step=_step_of(checkpoint))
+    run.write_manifest(manifest)
+
+    # 3. Train.
+    tags = sorted({ex.tag for ex in tokenized}, key=lambda t: (t != "train", t))
+    trainer = EmguardTrainer(
+        model=model,
+        args=args,
+        train_dataset=tokenized,
+        data_collator=ChatCollator(tokenizer.pad_token_id, tags, pad_to_multiple_of=8),
+        processing_class=tokenizer,
+        defenses=defenses,
+        tags=tags,
+        callbacks=[TrainLogCallback(run / TRAIN_LOG), CheckpointMarkerCallback(), *callbacks],
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if progress:
+        trainer.add_callback(ProgressBarCallback(f"training {run.path.name}"))
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    # 4. Post-hoc edits, then the adapter (atomically) and the finished manifest.
+    for defense in defenses:
+        defense.finalize(model)
+    model.peft_config["default"].base_model_name_or_path = config.model
+    with atomic_directory(run / ADAPTER) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    losses = [r["loss"] for r in run.read_train_log() if "loss" in r]
+    run.update_manifest(
+        status="finished",
+        finished_at=now(),
+        train={
+            "steps": trainer.state.global_step,
+            "first_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None,
+            "train_runtime_s": round(output.metrics.get("train_runtime", 0.0), 2),
+            "wall_time_s": round(time.monotonic() - started, 2),
+        },
+    )
+    if not config.training.keep_checkpoints:
+        run.remove_checkpoints()
+    result = _finished_result(run, skipped=False)
+    result.resumed_from_step = _step_of(checkpoint)
+    return result
+
+
+def _step_of(checkpoint: Path | None) -> int | None:
+    return int(checkpoint.name.split("-")[-1]) if checkpoint else None
+
+
+def _load_training_examples(config: RunConfig) -> list:
+    examples = load_examples(config.data.train, seed=config.training.seed, unique=config.data.unique)
+    n = config.data.max_examples
+    if n is not None and n < len(examples):
+        keep = sorted(random.Random(config.training.seed).sample(range(len(examples)), n))
+        examples = [examples[i] for i in keep]
+    return examples
+
+
+def training_arguments(config: RunConfig, output_dir: Path, progress: bool = True) -> TrainingArguments:
+    """Map the run config onto ``TrainingArguments`` (the Trainer's knobs live here, nowhere else)."""
+    t = config.training
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = t.micro_batch_size * world_size
+    if t.batch_size % per_step:
+        raise ConfigError(
+            f"training.batch_size={t.batch_size} is not a multiple of micro_batch_size × processes "
+            f"({t.micro_batch_size} × {world_size}); change one of them"
+        )
+    dtype = resolve_dtype(config.model_options.dtype)
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.batch_size // per_step,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm or 0.0,
+        optim=t.optimizer,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        train_sampling_strategy=t.sampling,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=2,  # the newest complete checkpoint survives a kill during the next save
+        report_to=t.report_to or "none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,  # emguard's own bar (ProgressBarCallback) replaces the Trainer's
+    )
+
+
+def _new_manifest(config, resolved, tokenizer, examples, tokenized: list[TokenizedExample], defenses) -> dict:
+    data_spec = config.data.train
+    file_sha = None if data_spec.startswith("builtin:") else sha256_file(Path(data_spec))
+    tags: dict[str, int] = {}
+    for ex in tokenized:
+        tags[ex.tag] = tags.get(ex.tag, 0) + 1
+    return {
+        "command": "train",
+        "created_at": now(),
+        "status": "running",
+        "config_hash": config.fingerprint(),
+        "emguard_git": git_commit(),
+        "versions": package_versions(),
+        "device": _device_description(),
+        "seed": config.training.seed,
+        "model": {
+            "spec": resolved.spec,
+            "kind": resolved.kind,
+            "location": resolved.location,
+            "sha256": resolved.sha256,
+            "revision": config.model_options.revision,
+        },
+        "chat_template_sha256": sha256_text(tokenizer.chat_template or ""),
+        "data": {
+            "train": {
+                "spec": data_spec,
+                "file_sha256": file_sha,
+                "examples": len(examples),
+                "examples_sha256": examples_fingerprint(examples),
+            },
+            "tokenized": {
+                "examples_by_tag": tags,
+                "trained_tokens": sum(ex.num_trained for ex in tokenized),
+                "tokens": sum(len(ex.input_ids) for ex in tokenized),
+            },
+        },
+        "defenses": [d.name for d in defenses],
+        "judge_model": None,
+    }
+
+
+def _device_description() -> str:
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def _finished_result(run: RunDir, skipped: bool) -> TrainResult:
+    manifest = run.manifest() or {}
+    info = manifest.get("train", {})
+    return TrainResult(
+        run_dir=run.path,
+        adapter_dir=run / ADAPTER,
+        steps=info.get("steps", 0),
+        first_loss=info.get("first_loss"),
+        final_loss=info.get("final_loss"),
+        runtime_s=info.get("wall_time_s", 0.0),
+        skipped=skipped,
+    )
