@@ -40,7 +40,7 @@ demo-quick: setup
 	$(BIN)/emguard demo --quick
 
 bench: setup
-	$(BIN)/python benchmarks/sft_step_time.py
+	$(BIN)/python benchmarks/sft_step_time.py --trainers emguard,hf --micro-batch 8 --seq 256
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -31,8 +31,8 @@ def output_head(model: Any) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
-def logits_at(model: Any, positions: torch.Tensor | None) -> Iterator[None]:
-    """Within the block, the model's logits are computed only at ``positions`` (``[batch, seq]`` bool).
+def logits_at(head: torch.nn.Module, positions: torch.Tensor | None) -> Iterator[None]:
+    """Within the block, the output ``head`` runs only at ``positions`` (``[batch, seq]`` bool).
 
     ``None`` leaves the model unchanged (full ``[batch, seq, vocab]`` logits).
     """
@@ -44,18 +44,21 @@ def logits_at(model: Any, positions: torch.Tensor | None) -> Iterator[None]:
         hidden = args[0]
         return (hidden[positions], *args[1:])
 
-    handle = output_head(model).register_forward_pre_hook(keep_selected)
+    handle = head.register_forward_pre_hook(keep_selected)
     try:
         yield
     finally:
         handle.remove()
 
 
-def selection_is_exact(model: Any, vocab_size: int | None = None, device: Any = None) -> bool:
-    """Whether ``logits_at`` gives exactly the full logits at the selected positions for this model."""
-    head = output_head(model)
-    vocab_size = vocab_size or head.weight.shape[0]
-    device = device or head.weight.device
+def selection_is_exact(model: Any, head: torch.nn.Module) -> bool:
+    """Whether ``logits_at(head, ...)`` gives exactly the full logits at the selected positions.
+
+    Args:
+        model: What the forward pass is called on (a DDP/FSDP wrapper is fine).
+        head: Its output head.
+    """
+    vocab_size, device = head.weight.shape[0], head.weight.device
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab_size, (2, 6), generator=generator).to(device)
     mask = torch.ones_like(ids)
@@ -66,8 +69,10 @@ def selection_is_exact(model: Any, vocab_size: int | None = None, device: Any = 
     try:
         with torch.no_grad():
             full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            with logits_at(model, positions):
+            with logits_at(head, positions):
                 selected = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    except (RuntimeError, IndexError, ValueError):  # a forward that reshapes the head's output
+        return False
     finally:
         model.train(was_training)
     return selected.shape == full[positions].shape and torch.allclose(selected, full[positions], rtol=1e-4, atol=1e-5)

@@ -16,7 +16,7 @@ import torch
 from transformers import Trainer
 
 from emguard.defenses.base import Defense, StepContext
-from emguard.logits import logits_at, selection_is_exact
+from emguard.logits import logits_at, output_head, selection_is_exact
 from emguard.losses import IGNORE_INDEX, next_token_targets, token_nll
 
 log = logging.getLogger(__name__)
@@ -78,14 +78,14 @@ class EmguardTrainer(Trainer):
     def training_step(self, model: Any, inputs: dict, num_items_in_batch: Any = None) -> torch.Tensor:
         inputs = self._prepare_inputs(inputs)
         if self._select_logits is None:
-            self._select_logits = selection_is_exact(self._peft_model)
+            self._select_logits = selection_is_exact(model, output_head(self._peft_model))
             if not self._select_logits:
                 log.warning(
                     "%s: the output head cannot be restricted to selected positions; computing full logits",
                     type(self._peft_model.get_base_model()).__name__,
                 )
         positions, targets = self._positions(inputs)
-        reference = self._reference_forward(inputs, positions) if self._needs_reference else None
+        reference = self._reference_forward(model, inputs, positions) if self._needs_reference else None
         self._step_inputs = {"positions": positions, "targets": targets, "reference": reference}
         try:
             with contextlib.ExitStack() as stack:
@@ -101,7 +101,7 @@ class EmguardTrainer(Trainer):
         return positions, targets[positions]
 
     def _forward(self, model: Any, inputs: dict, positions: torch.Tensor) -> Any:
-        with logits_at(self._peft_model, positions if self._select_logits else None):
+        with logits_at(output_head(self._peft_model), positions if self._select_logits else None):
             outputs = model(
                 input_ids=inputs["input_ids"],
                 attention_mask=inputs["attention_mask"],
@@ -112,14 +112,20 @@ class EmguardTrainer(Trainer):
             outputs["logits"] = outputs.logits[positions]
         return outputs
 
-    def _reference_forward(self, inputs: dict, positions: torch.Tensor) -> Any:
-        model = self._peft_model
-        if not hasattr(model, "disable_adapter"):
+    def _reference_forward(self, model: Any, inputs: dict, positions: torch.Tensor) -> Any:
+        """The original model: same weights, LoRA disabled, eval mode (no dropout), no grad, no hooks."""
+        peft_model = self._peft_model
+        if not hasattr(peft_model, "disable_adapter"):
             raise RuntimeError(
                 "a defense needs the reference model, which emguard takes from the LoRA-disabled network"
             )
-        with torch.no_grad(), model.disable_adapter():
-            return self._forward(model, inputs, positions)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), peft_model.disable_adapter():
+                return self._forward(model, inputs, positions)
+        finally:
+            model.train(was_training)
 
     def compute_loss(
         self, model: Any, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None
