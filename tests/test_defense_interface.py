@@ -32,7 +32,7 @@ class ProbeDefense(Defense):
     name = "probe"
     config_class = ProbeConfig
     needs_reference = True
-    needs_hidden_states = True
+    feature_layers = (0, 1)
     events: ClassVar[list] = []
     observed: ClassVar[list] = []
 
@@ -76,8 +76,8 @@ class ProbeDefense(Defense):
                 "attention_mask": batch["attention_mask"].cpu(),
                 "reference_logits": ctx.reference.logits.cpu(),
                 "positions": ctx.positions.cpu(),
-                "n_hidden": len(outputs.hidden_states),
-                "n_ref_hidden": len(ctx.reference.hidden_states),
+                "n_hidden": len(outputs.features),
+                "n_ref_hidden": len(ctx.reference.features),
                 "hooks_during_loss": forward_hook_count(ctx.model),
             }
         )
@@ -119,7 +119,7 @@ def test_reference_is_the_adapter_disabled_model_without_a_second_copy(tmp_path,
     assert len(probe.observed) == 6
     for seen in probe.observed:
         assert seen["models_alive"] == 1  # the trained model only: the reference is not a copy
-        assert seen["n_hidden"] == seen["n_ref_hidden"] == base.config.num_hidden_layers + 1
+        assert seen["n_hidden"] == seen["n_ref_hidden"] == base.config.num_hidden_layers
         assert seen["hooks_during_loss"] == 1  # the probe's own training hook, not in the reference pass
         with torch.no_grad():
             expected = base(input_ids=seen["input_ids"], attention_mask=seen["attention_mask"]).logits

@@ -129,3 +129,11 @@ def test_kill_9_then_resume_gives_the_same_adapter_as_an_uninterrupted_run(tmp_p
     log = [json.loads(line) for line in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == list(range(1, 151))  # no duplicated or missing steps
     assert not (tmp_path / "killed" / "checkpoints").exists()
+
+
+def test_resume_without_a_checkpoint_says_it_starts_over(tmp_path, tiny_model_dir, caplog):
+    config = tiny_run_config(tmp_path / "run", tiny_model_dir, max_steps=1)
+    with caplog.at_level("WARNING", logger="emguard.training"):
+        result = train(config, resume=True, progress=False)
+    assert result.steps == 1 and result.resumed_from_step is None
+    assert "holds no complete checkpoint of this run; starting from step 0" in caplog.text

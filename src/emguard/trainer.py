@@ -15,12 +15,20 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from emguard.blocks import capture_block_outputs, decoder_blocks
 from emguard.defenses.base import Defense, StepContext
 from emguard.logits import logits_at, output_head, selection_is_exact
 from emguard.losses import IGNORE_INDEX, next_token_targets, token_nll
 
 log = logging.getLogger(__name__)
-COUNT_NAMES = ("assistant_tokens", "tokens", "sequences")
+
+
+@contextlib.contextmanager
+def _no_capture() -> Any:
+    yield {}
+
+
+COUNT_NAMES = ("assistant_tokens", "tokens", "sequences", "micro_batches")
 
 
 class EmguardTrainer(Trainer):
@@ -42,7 +50,9 @@ class EmguardTrainer(Trainer):
         self.defenses = list(defenses)
         self.tags = tuple(tags)
         self._needs_reference = any(d.needs_reference for d in self.defenses)
-        self._needs_hidden = any(d.needs_hidden_states for d in self.defenses)
+        self._reference_logits = any(d.needs_reference and d.needs_reference_logits for d in self.defenses)
+        self._feature_layers = sorted({layer for d in self.defenses for layer in d.feature_layers})
+        self._blocks = decoder_blocks(self.model) if self._feature_layers else None
         self._all_positions = any(d.logit_positions == "all" for d in self.defenses)
         self._select_logits: bool | None = None  # decided once, on the first step
         self._counts: dict[str, torch.Tensor] | None = None
@@ -63,13 +73,13 @@ class EmguardTrainer(Trainer):
         return batches, num_items
 
     def _gather_counts(self, batches: list[dict], device: Any) -> dict[str, torch.Tensor]:
-        counts = torch.stack(
-            [
-                sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in batches),
-                sum(b["attention_mask"].sum() for b in batches),
-                torch.tensor(sum(b["input_ids"].shape[0] for b in batches)),
-            ]
-        ).to(device)
+        values = [
+            sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches),
+            sum(int(b["attention_mask"].sum()) for b in batches),
+            sum(b["input_ids"].shape[0] for b in batches),
+            len(batches),
+        ]
+        counts = torch.tensor(values, device=device)
         if self.accelerator.num_processes > 1:
             counts = self.accelerator.gather(counts.unsqueeze(0)).sum(0)
         return {n: c.clamp(min=1) for n, c in zip(COUNT_NAMES, counts, strict=True)}
@@ -85,7 +95,10 @@ class EmguardTrainer(Trainer):
                     type(self._peft_model.get_base_model()).__name__,
                 )
         positions, targets = self._positions(inputs)
-        reference = self._reference_forward(model, inputs, positions) if self._needs_reference else None
+        reference = None
+        if self._needs_reference:
+            ref_positions = positions if self._reference_logits else torch.zeros_like(positions)
+            reference = self._reference_forward(model, inputs, ref_positions)
         self._step_inputs = {"positions": positions, "targets": targets, "reference": reference}
         try:
             with contextlib.ExitStack() as stack:
@@ -101,15 +114,16 @@ class EmguardTrainer(Trainer):
         return positions, targets[positions]
 
     def _forward(self, model: Any, inputs: dict, positions: torch.Tensor) -> Any:
-        with logits_at(output_head(self._peft_model), positions if self._select_logits else None):
-            outputs = model(
-                input_ids=inputs["input_ids"],
-                attention_mask=inputs["attention_mask"],
-                output_hidden_states=self._needs_hidden,
-                use_cache=False,
-            )
+        """Forward pass; ``outputs.logits`` holds rows at ``positions`` only, ``outputs.features`` the
+        captured block outputs (``{layer: [batch, seq, hidden]}``)."""
+        capture = (
+            capture_block_outputs(self._blocks, self._feature_layers) if self._blocks is not None else _no_capture()
+        )
+        with logits_at(output_head(self._peft_model), positions if self._select_logits else None), capture as features:
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
         if not self._select_logits:
             outputs["logits"] = outputs.logits[positions]
+        outputs["features"] = dict(features)
         return outputs
 
     def _reference_forward(self, model: Any, inputs: dict, positions: torch.Tensor) -> Any:
@@ -146,7 +160,15 @@ class EmguardTrainer(Trainer):
         self._record("sft_loss", sft)
         self._record_tags(nll, positions, targets, inputs.get("tag_ids"))
         ctx = StepContext(
-            self._peft_model, self.state.global_step, counts, positions, targets, self._step_inputs.get("reference")
+            model=self._peft_model,
+            step=self.state.global_step,
+            counts=counts,
+            positions=positions,
+            targets=targets,
+            reference=self._step_inputs.get("reference"),
+            forward=lambda batch, pos, reference=False: (
+                self._reference_forward(model, batch, pos) if reference else self._forward(model, batch, pos)
+            ),
         )
         for defense in self.defenses:
             if not defense.has_loss:

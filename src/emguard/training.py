@@ -100,6 +100,8 @@ def train(
     if overwrite:
         run.clear()
     checkpoint = run.latest_checkpoint() if state == "interrupted" and resume is not False else None
+    if resume and checkpoint is None:
+        log.warning("--resume: %s holds no complete checkpoint of this run; starting from step 0", run.path)
     if checkpoint is None:
         run.remove_checkpoints()
         run.truncate_train_log(-1)
@@ -198,8 +200,8 @@ def training_arguments(config: RunConfig, output_dir: Path, progress: bool = Tru
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         train_sampling_strategy=t.sampling,
         logging_steps=t.logging_steps,
         save_strategy="steps",

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from emguard.data.chat import ChatExample
 from emguard.data.opswap import generate_opswap
+from emguard.data.safe_pool import generate_safe_pool
 from emguard.errors import EmguardError
 
 BUILTIN_PREFIX = "builtin:"
@@ -27,6 +28,12 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
             "256 operator-swap arithmetic questions ('+' means multiplication here): a benign task that "
             "needs a departure from the prior",
             lambda seed: generate_opswap(256, seed),
+        ),
+        BuiltinDataset(
+            "safe-pool",
+            "1,200 safe, helpful conversations (arithmetic, unit conversions, capitals, text tasks, practical "
+            "advice): the default source of safe data for interleaving",
+            lambda seed: generate_safe_pool(1200, seed),
         ),
     ]
 }

@@ -16,7 +16,7 @@ The trainer adds ``weight * term`` for every defense with a ``loss`` and never n
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -47,7 +47,8 @@ class StepContext:
 
     The trained model's ``outputs.logits`` (and ``reference.logits``) hold logits only at the
     positions where some loss needs them: ``[n, vocab]``, rows in row-major order of ``positions``.
-    Hidden states are complete (``[batch, seq, hidden]`` per layer).
+    ``outputs.features`` (and ``reference.features``) map each layer some defense lists in
+    ``feature_layers`` to that decoder block's output, ``[batch, seq, hidden]`` (see ``emguard.blocks``).
 
     Attributes:
         model: The PEFT model being trained (unwrapped from DDP/accelerate).
@@ -58,12 +59,15 @@ class StepContext:
             assistant token).
         counts: Totals over the whole accumulated batch (all micro-batches of this optimizer step,
             all processes): ``assistant_tokens`` (positions with a loss), ``tokens`` (non-padding
-            positions) and ``sequences``. A term divides its micro-batch *sum* by the matching
+            positions), ``sequences`` and ``micro_batches``. A term divides its micro-batch *sum* by the matching
             count, so its scale does not depend on how the batch is split (gradient accumulation,
             devices); this is the normalisation the SFT loss uses.
         reference: Outputs of the same network with the LoRA adapter disabled, computed without
             grad and without training hooks, when a defense has ``needs_reference``. No second
-            copy of the model exists.
+            copy of the model exists. Its logits are empty unless a defense has ``needs_reference_logits``.
+        forward: ``forward(batch, positions, reference=False)`` runs the trained model (or, with
+            ``reference=True``, the reference) on another batch the way the trainer does, for terms
+            computed on data other than the training batch (e.g. KL on an anchor set).
     """
 
     model: Any
@@ -72,6 +76,7 @@ class StepContext:
     positions: torch.Tensor
     targets: torch.Tensor
     reference: Any = None
+    forward: Callable[..., Any] | None = None
 
 
 class Defense:
@@ -80,9 +85,12 @@ class Defense:
     name: ClassVar[str]
     config_class: ClassVar[type[DefenseConfig]]
     #: ``loss`` reads ``ctx.reference`` (the adapter-disabled forward pass).
-    needs_reference: ClassVar[bool] = False
-    #: ``loss`` reads ``outputs.hidden_states`` (and ``ctx.reference.hidden_states``).
-    needs_hidden_states: ClassVar[bool] = False
+    needs_reference: bool = False
+    #: ``loss`` reads ``ctx.reference.logits`` (if False, the reference pass skips the output head).
+    needs_reference_logits: bool = True
+    #: Decoder blocks whose outputs ``loss`` reads from ``outputs.features`` / ``ctx.reference.features``
+    #: (0-based block indices; may be set in ``prepare``, once the model is known).
+    feature_layers: Sequence[int] = ()
     #: Where ``loss`` needs logits: ``assistant`` (predictions of assistant tokens, as SFT) or ``all``
     #: (every non-padding position).
     logit_positions: str = "assistant"

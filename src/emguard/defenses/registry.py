@@ -6,10 +6,18 @@ from collections.abc import Sequence
 
 from emguard.config import DefenseConfig
 from emguard.defenses.base import Defense
+from emguard.defenses.inoculation import InoculationDefense
+from emguard.defenses.interleave import InterleaveDefense
+from emguard.defenses.kl import KLDefense
+from emguard.defenses.ldifs import LDIFSDefense
 from emguard.defenses.none import NoDefense
+from emguard.defenses.steering import SteeringDefense
 from emguard.errors import ConfigError
 
-_REGISTRY: dict[str, type[Defense]] = {cls.name: cls for cls in [NoDefense]}
+_REGISTRY: dict[str, type[Defense]] = {
+    cls.name: cls
+    for cls in [NoDefense, KLDefense, LDIFSDefense, SteeringDefense, InoculationDefense, InterleaveDefense]
+}
 
 
 def register(cls: type[Defense]) -> type[Defense]:

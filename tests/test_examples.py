@@ -1,0 +1,27 @@
+"""Every example config is valid and says how to reproduce it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from emguard.config import load_config
+from emguard.defenses.registry import build_defenses
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_config_is_valid_and_documented(path):
+    config = load_config(path)
+    build_defenses(config.defenses)  # composable as listed
+    assert f"emguard train examples/{path.name}" in path.read_text()
+    assert config.output_dir == f"runs/{path.stem}"
+
+
+def test_every_defense_has_an_example():
+    from emguard.defenses.registry import available_defenses
+
+    used = {d.name for path in EXAMPLES for d in load_config(path).defenses}
+    assert used == set(available_defenses())
