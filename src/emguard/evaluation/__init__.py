@@ -1,0 +1,1 @@
+"""EM evaluation: question sets, generation, judges, probes and metrics."""

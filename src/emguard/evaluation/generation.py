@@ -1,0 +1,131 @@
+"""Answer generation backends: batched Hugging Face generation (default) and vLLM (optional extra).
+
+The HF backend runs the base model with the LoRA adapter attached, not merged, with left
+padding and the KV cache, and seeded sampling. Conversations are rendered with the model's chat
+template, system prompts included, and batched by length so that little padding is generated.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from emguard.errors import EmguardError
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 600
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass
+class GenerationStats:
+    sequences: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds else 0.0
+
+
+def attach_adapter(model: Any, adapter_dir: str | Path) -> Any:
+    """The base ``model`` with the LoRA adapter in ``adapter_dir`` attached (not merged), in eval mode."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if (adapter_dir / "adapter").is_dir():  # a run directory
+        adapter_dir = adapter_dir / "adapter"
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise EmguardError(f"{adapter_dir}: no LoRA adapter here (expected adapter_config.json)")
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
+
+
+class HFGenerator:
+    """Batched sampling with ``model.generate``.
+
+    Args:
+        model: A causal LM (optionally a PEFT model) in eval mode.
+        tokenizer: Its tokenizer, with a chat template.
+        sampling: Temperature, top-p, max new tokens, batch size, seed.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, sampling: SamplingConfig = SamplingConfig()):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.sampling = sampling
+        self.stats = GenerationStats()
+
+    def _encode(self, conversations: Sequence[Sequence[dict]]) -> dict[str, torch.Tensor]:
+        texts = [
+            self.tokenizer.apply_chat_template(list(c), tokenize=False, add_generation_prompt=True)
+            for c in conversations
+        ]
+        side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "left"
+        try:
+            encoded = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        finally:
+            self.tokenizer.padding_side = side
+        device = next(self.model.parameters()).device
+        return {k: v.to(device) for k, v in encoded.items()}
+
+    def generate(
+        self, conversations: Sequence[Sequence[dict]], on_batch: Callable[[list[int], list[str]], None] | None = None
+    ) -> list[str]:
+        """Answers to ``conversations``, in order. ``on_batch(indices, answers)`` is called after each batch.
+
+        Sampling is seeded per batch (``seed + batch number``), so a rerun with the same inputs,
+        batch size and seed gives the same answers.
+        """
+        s = self.sampling
+        order = sorted(range(len(conversations)), key=lambda i: len(str(conversations[i])))
+        answers: list[str] = [""] * len(conversations)
+        eos = [t for t in {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id} if t is not None]
+        for number, start in enumerate(range(0, len(order), s.batch_size)):
+            indices = order[start : start + s.batch_size]
+            inputs = self._encode([conversations[i] for i in indices])
+            torch.manual_seed(s.seed + number)
+            started = time.perf_counter()
+            with torch.no_grad():
+                output = self.model.generate(
+                    **inputs,
+                    do_sample=s.temperature > 0,
+                    temperature=s.temperature if s.temperature > 0 else None,
+                    top_p=s.top_p if s.temperature > 0 else None,
+                    top_k=0 if s.temperature > 0 else None,
+                    max_new_tokens=s.max_new_tokens,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    eos_token_id=eos or None,
+                    use_cache=True,
+                )
+            new = output[:, inputs["input_ids"].shape[1] :]
+            self.stats.seconds += time.perf_counter() - started
+            self.stats.sequences += len(indices)
+            self.stats.generated_tokens += int(_generated_lengths(new, eos).sum())
+            texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+            for i, text in zip(indices, texts, strict=True):
+                answers[i] = text.strip()
+            if on_batch:
+                on_batch(indices, [answers[i] for i in indices])
+        return answers
+
+
+def _generated_lengths(new_tokens: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
+    """Tokens generated per row, up to and including the first stop token."""
+    is_stop = torch.isin(new_tokens, torch.tensor(stop_ids, device=new_tokens.device))
+    first = torch.where(
+        is_stop.any(1),
+        is_stop.int().argmax(1) + 1,
+        torch.full_like(is_stop[:, 0], new_tokens.shape[1], dtype=torch.long),
+    )
+    return first
