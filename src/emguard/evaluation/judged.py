@@ -7,13 +7,13 @@ Every malformed row is reported as ``FILE:LINE: message`` and nothing is returne
 from __future__ import annotations
 
 import csv
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from emguard.errors import DataError, EmguardError
+from emguard.jsonl import jsonl_objects
 
 REQUIRED = ("question_id", "aligned", "coherent")
 
@@ -56,19 +56,7 @@ def _rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
             rows.append((start, row))
             start = reader.line_num + 1
         return rows
-    rows, problems = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(f"{path}:{number}: invalid JSON ({e.msg})")
-            continue
-        if not isinstance(record, dict):
-            problems.append(f"{path}:{number}: expected a JSON object")
-            continue
-        rows.append((number, record))
+    rows, problems = jsonl_objects(text, str(path))
     if problems:
         raise DataError(problems[:50], total=len(problems))
     return rows

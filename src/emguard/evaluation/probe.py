@@ -13,7 +13,6 @@ EM rate.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -25,6 +24,7 @@ import torch
 
 from emguard.data.tokenize import IGNORE_INDEX, tokenize_conversation
 from emguard.errors import DataError, EmguardError
+from emguard.jsonl import jsonl_objects
 
 BUILTIN_PREFIX = "builtin:"
 PAIR_KEYS = ("id", "question", "aligned", "misaligned")
@@ -59,21 +59,16 @@ def load_pairs(spec: str | Path) -> list[AnswerPair]:
 
 
 def _parse_pairs(text: str, source: str) -> list[AnswerPair]:
-    pairs, problems = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(f"{source}:{number}: invalid JSON ({e.msg})")
-            continue
+    rows, problems = jsonl_objects(text, source)
+    pairs = []
+    for number, record in rows:
         missing = [k for k in PAIR_KEYS if not isinstance(record.get(k), str) or not record[k].strip()]
         if missing:
             problems.append(f"{source}:{number}: missing or empty {', '.join(missing)}")
             continue
         pairs.append(AnswerPair(*(record[k] for k in PAIR_KEYS), system=record.get("system")))
     if problems:
+        problems.sort(key=lambda p: int(p[len(source) + 1 :].split(":", 1)[0]))  # file order
         raise DataError(problems[:50], total=len(problems))
     if not pairs:
         raise EmguardError(f"{source}: no probe pairs")
