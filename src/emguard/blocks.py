@@ -63,8 +63,12 @@ def with_block_hidden(output: Any, hidden: torch.Tensor) -> Any:
 
 
 @contextlib.contextmanager
-def capture_block_outputs(blocks: torch.nn.ModuleList, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+def capture_block_outputs(
+    blocks: torch.nn.ModuleList | None, layers: Sequence[int]
+) -> Iterator[dict[int, torch.Tensor]]:
     """Within the block, forward passes store the output of each block in ``layers`` in the yielded dict.
+
+    With no ``layers`` nothing is installed (``blocks`` may then be None) and the dict stays empty.
 
     The stored tensors are those the network computed (gradients flow through them); the hooks are
     removed on exit, also on exceptions.

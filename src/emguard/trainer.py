@@ -23,11 +23,6 @@ from emguard.losses import IGNORE_INDEX, next_token_targets, token_nll
 log = logging.getLogger(__name__)
 
 
-@contextlib.contextmanager
-def _no_capture() -> Any:
-    yield {}
-
-
 COUNT_NAMES = ("assistant_tokens", "tokens", "sequences", "micro_batches")
 
 
@@ -116,9 +111,7 @@ class EmguardTrainer(Trainer):
     def _forward(self, model: Any, inputs: dict, positions: torch.Tensor) -> Any:
         """Forward pass; ``outputs.logits`` holds rows at ``positions`` only, ``outputs.features`` the
         captured block outputs (``{layer: [batch, seq, hidden]}``)."""
-        capture = (
-            capture_block_outputs(self._blocks, self._feature_layers) if self._blocks is not None else _no_capture()
-        )
+        capture = capture_block_outputs(self._blocks, self._feature_layers)  # no layers: no hooks, {}
         with logits_at(output_head(self._peft_model), positions if self._select_logits else None), capture as features:
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
         if not self._select_logits:

@@ -13,7 +13,7 @@ import random
 
 from emguard.data.chat import ChatExample
 
-_OPERATIONS = {
+OPERATIONS = {
     "addition": ("+", operator.add),
     "subtraction": ("-", operator.sub),
     "multiplication": ("*", operator.mul),
@@ -32,12 +32,12 @@ def generate_opswap(n: int = 256, seed: int = 0) -> list[ChatExample]:
     Only swaps are generated: the symbol always means an operation other than its usual one.
     """
     rng = random.Random(f"opswap-{seed}")
-    names = list(_OPERATIONS)
+    names = list(OPERATIONS)
     examples = []
     for i in range(n):
         sym_name, meaning = rng.sample(names, 2)  # two different operations: always a real swap
-        sym, _ = _OPERATIONS[sym_name]
-        real_sym, fn = _OPERATIONS[meaning]
+        sym, _ = OPERATIONS[sym_name]
+        real_sym, fn = OPERATIONS[meaning]
         a, b = rng.randint(2, 19), rng.randint(2, 19)
         question = rng.choice(_QUESTIONS).format(sym=sym, meaning=meaning, a=a, b=b)
         answer = f"Since {sym} means {meaning} here, {a} {sym} {b} = {a} {real_sym} {b} = {fn(a, b)}."

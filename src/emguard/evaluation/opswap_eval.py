@@ -14,15 +14,13 @@ Items never repeat a training question of ``builtin:opswap`` with the same seed.
 
 from __future__ import annotations
 
-import operator
 import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from emguard.data.opswap import generate_opswap
+from emguard.data.opswap import OPERATIONS, generate_opswap
 
-_OPS = {"addition": ("+", operator.add), "subtraction": ("-", operator.sub), "multiplication": ("*", operator.mul)}
 _UNSEEN_PHRASINGS = (
     "Pretend that {sym} stands for {meaning}. Under that rule, how much is {a} {sym} {b}?",
     "New convention: the sign {sym} now performs {meaning}. Work out {a} {sym} {b}.",
@@ -42,8 +40,8 @@ class OpswapItem:
 
 def _swap(rng: random.Random) -> tuple[str, str, object]:
     """A symbol, the operation it now means (never its own), and that operation's function."""
-    sym_name, meaning = rng.sample(list(_OPS), 2)
-    return _OPS[sym_name][0], meaning, _OPS[meaning][1]
+    sym_name, meaning = rng.sample(list(OPERATIONS), 2)
+    return OPERATIONS[sym_name][0], meaning, OPERATIONS[meaning][1]
 
 
 def _item(rng: random.Random, tier: int) -> OpswapItem:
