@@ -47,8 +47,30 @@ def test_unknown_top_level_key_and_every_error_listed_at_once():
 
 
 def test_missing_required_key():
-    with pytest.raises(ConfigError, match="data: Field required"):
-        build_config({"output_dir": "x"})
+    with pytest.raises(ConfigError, match="output_dir: Field required"):
+        build_config({"data": {"train": "x"}})
+
+
+def test_eval_only_config_needs_no_data_and_train_says_so(tmp_path):
+    from emguard.training import train
+
+    config = build_config({"output_dir": str(tmp_path / "run")})
+    assert config.eval.questions == ["builtin:general"] and config.eval.judge is None
+    with pytest.raises(ConfigError, match="data.train is required to train"):
+        train(config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_judge_section_refuses_an_inline_api_key_without_echoing_it():
+    with pytest.raises(ConfigError) as info:
+        build_config({**BASE, "eval": {"judge": {"kind": "openai", "model": "m", "api_key": "sk-secret123"}}})
+    assert "api_key_env" in str(info.value) and "sk-secret123" not in str(info.value)
+
+
+def test_eval_settings_do_not_change_the_training_fingerprint():
+    a = build_config(BASE)
+    b = build_config({**BASE, "eval": {"questions": ["x.yaml"], "sampling": {"temperature": 0}}})
+    assert a.fingerprint() == b.fingerprint()
 
 
 def test_defense_sections_are_validated_by_their_own_class():

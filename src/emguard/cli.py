@@ -122,6 +122,34 @@ def train_cmd(
         _emit_json(result.summary())
 
 
+@app.command("eval")
+def eval_cmd(
+    config: Annotated[Path, typer.Argument(help="Run config YAML (its eval section).")],
+    overrides: SetOption = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only write the rendered conversations; generate nothing, call no judge.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Generate answers, judge them, probe likelihoods; write samples.jsonl and metrics.json."""
+    from emguard.config import load_config
+    from emguard.evaluation.evaluate import evaluate
+    from emguard.evaluation.report import eval_summary
+
+    run_config = load_config(config, overrides)
+    result = evaluate(run_config, dry_run=dry_run, progress=not quiet)
+    if dry_run:
+        _say(f"{result.n_conversations} conversations rendered (dry run: nothing generated, no judge called)")
+        if not as_json:
+            print(result.conversations, flush=True)
+    else:
+        _say(eval_summary(result.metrics))
+        _say(f"run directory: {result.run_dir}  (samples.jsonl, metrics.json)")
+    if as_json:
+        _emit_json(result.summary())
+
+
 @app.command("metrics")
 def metrics_cmd(
     files: Annotated[

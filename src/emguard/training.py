@@ -81,6 +81,8 @@ def train(
         return _finished_result(run, skipped=True)
 
     # 1. Everything that can fail on bad input, before any write.
+    if config.data is None:
+        raise ConfigError("data.train is required to train (a chat JSONL path or builtin:NAME)")
     set_seed(config.training.seed)
     defenses = build_defenses(config.defenses)
     examples = _load_training_examples(config)

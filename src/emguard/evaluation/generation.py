@@ -38,16 +38,28 @@ class GenerationStats:
         return self.generated_tokens / self.seconds if self.seconds else 0.0
 
 
-def attach_adapter(model: Any, adapter_dir: str | Path) -> Any:
-    """The base ``model`` with the LoRA adapter in ``adapter_dir`` attached (not merged), in eval mode."""
-    from peft import PeftModel
+def find_adapter(path: str | Path) -> Path:
+    """The adapter directory of a run directory (``RUN/adapter``) or an adapter directory itself.
 
-    adapter_dir = Path(adapter_dir)
+    Raises:
+        EmguardError: No ``adapter_config.json`` there.
+    """
+    adapter_dir = Path(path)
     if (adapter_dir / "adapter").is_dir():  # a run directory
         adapter_dir = adapter_dir / "adapter"
     if not (adapter_dir / "adapter_config.json").is_file():
-        raise EmguardError(f"{adapter_dir}: no LoRA adapter here (expected adapter_config.json)")
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).eval()
+        hint = " (has `emguard train` finished for this run?)" if adapter_dir.name != "adapter" else ""
+        raise EmguardError(f"{path}: no LoRA adapter here (expected adapter_config.json){hint}")
+    return adapter_dir
+
+
+def attach_adapter(model: Any, adapter_dir: str | Path, name: str = "default") -> Any:
+    """The base ``model`` with the LoRA adapter in ``adapter_dir`` attached (not merged), in eval mode."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(
+        model, str(find_adapter(adapter_dir)), adapter_name=name, is_trainable=False
+    ).eval()
 
 
 class HFGenerator:

@@ -1,7 +1,8 @@
 """Judged samples: CSV or JSONL rows with ``question_id``, ``aligned`` and ``coherent`` scores.
 
 Scores are numbers in 0..100, or empty/null where the judge answered CODE or REFUSAL (no score).
-Every malformed row is reported as ``FILE:LINE: message`` and nothing is returned.
+Every malformed row is reported as ``FILE:LINE: message`` and nothing is returned. Rows of an
+``emguard eval`` whose judge call failed (``judge_error`` set) are not judged answers and are skipped.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ def load_judged(path: str | Path) -> list[JudgedSample]:
     samples, problems = [], []
     for line, row in _rows(path):
         where = f"{path}:{line}"
+        if row.get("judge_error"):  # an emguard eval whose judge call failed: not a judged answer
+            continue
         missing = [c for c in REQUIRED if c not in row]
         if missing:
             problems.append(f"{where}: missing {', '.join(missing)}")

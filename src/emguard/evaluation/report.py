@@ -36,3 +36,33 @@ def metrics_table(result: dict, per_question: bool = False) -> str:
     if per_question:
         lines += ["", "per question:"] + [_row(q, m) for q, m in result["per_question"].items()]
     return "\n".join(lines)
+
+
+def eval_summary(metrics: dict) -> str:
+    """What ``emguard eval`` prints: EM metrics per question set, judge usage, benign accuracy, probe."""
+    lines = []
+    judged = metrics.get("judged")
+    if judged is None:
+        lines.append(metrics.get("judged_note", "no judge configured"))
+    for spec, block in (judged or {}).items():
+        lines.append(f"{spec}: {block['answers']} answers, {block['judge_failed']} judge failures")
+        if block["metrics"]:
+            lines.append(metrics_table(block["metrics"]))
+    if metrics.get("judge"):
+        usage = metrics["judge"]["usage"]
+        lines.append("judge usage: " + ", ".join(f"{k} {v}" for k, v in usage.items() if not isinstance(v, dict)))
+    if metrics.get("benign"):
+        b = metrics["benign"]
+        tiers = ", ".join(f"tier {t} {100 * v['accuracy']:.0f}%" for t, v in b["per_tier"].items())
+        lines.append(f"benign task (opswap, exact match): {100 * b['accuracy']:.1f}% of {b['n']} ({tiers})")
+    for spec, p in (metrics.get("probe") or {}).items():
+        shift = p["shift_vs_base"]
+        line = (
+            f"probe {spec} (a proxy, not the EM rate): shift vs base {shift['mean']:+.4f} nats/token "
+            f"[{shift['ci95'][0]:+.4f}, {shift['ci95'][1]:+.4f}] over {shift['pairs']} pairs"
+        )
+        if "shift_vs_control" in p:
+            c = p["shift_vs_control"]
+            line += f"; vs control {c['mean']:+.4f} [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]"
+        lines.append(line)
+    return "\n".join(lines)
