@@ -162,3 +162,15 @@ def test_eval_without_judge_says_so_and_bad_adapter_writes_nothing(tmp_path, tin
     )
     assert "no LoRA adapter here" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_asking_for_vllm_without_it_is_a_clear_error(tmp_path, tiny_model_dir, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    config = eval_config(tmp_path, tiny_model_dir, sampling={"backend": "vllm", "max_new_tokens": 4})
+    from emguard.errors import EmguardError
+
+    with pytest.raises(EmguardError, match=r"pip install 'emguard\[vllm\]'"):
+        evaluate(config, progress=False)

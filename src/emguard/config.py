@@ -108,6 +108,9 @@ class SamplingSection(StrictModel):
     max_new_tokens: Annotated[int, Field(gt=0)] = 600
     batch_size: Annotated[int, Field(gt=0)] = Field(8, description="Conversations generated together.")
     seed: int = 0
+    backend: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="auto = vLLM when installed and a GPU is present, else Hugging Face generate."
+    )
 
 
 class JudgeSection(StrictModel):

@@ -149,6 +149,7 @@ def evaluate(config: RunConfig, *, dry_run: bool = False, progress: bool = True)
     s = e.sampling
     sampling = SamplingConfig(s.temperature, s.top_p, s.max_new_tokens, s.batch_size, s.seed)
     keys = [sample_key("question", r.messages, f"{r.paraphrase_index}/{r.sample_index}") for _, r in inputs.requests]
+    use_vllm = _use_vllm(s.backend)
     answers, gen_stats = _generate(
         model,
         tokenizer,
@@ -156,9 +157,10 @@ def evaluate(config: RunConfig, *, dry_run: bool = False, progress: bool = True)
         keys,
         sampling,
         run / GENERATIONS,
-        generation_fingerprint(**identity, sampling=s.model_dump()),
+        generation_fingerprint(**identity, sampling=s.model_dump(exclude={"backend"}), vllm=use_vllm),
         "generating answers",
         progress,
+        vllm=(resolved.location, inputs.adapter) if use_vllm else None,
     )
 
     # 4. Judgements.
@@ -244,6 +246,12 @@ def _adapter_hash(adapter: Path | None) -> str | None:
     return file_sha256(weights) if weights.is_file() else None
 
 
+def _use_vllm(backend: str) -> bool:
+    from emguard.evaluation.vllm_backend import vllm_available
+
+    return backend == "vllm" or (backend == "auto" and vllm_available())
+
+
 def _generate(
     model: Any,
     tokenizer: Any,
@@ -254,11 +262,20 @@ def _generate(
     fingerprint: str,
     label: str,
     progress: bool,
+    vllm: tuple[str, Path | None] | None = None,
 ) -> tuple[list[str], GenerationStats]:
-    """Answers for every conversation, generating only those not stored by an earlier run."""
+    """Answers for every conversation, generating only those not stored by an earlier run.
+
+    ``vllm`` = (base model location, adapter dir) generates with vLLM instead of the HF model.
+    """
     store = AnswerStore(store_path, fingerprint)
     pending = [i for i, k in enumerate(keys) if k not in store.answers]
-    generator = HFGenerator(model, tokenizer, sampling)
+    if vllm is not None and pending:
+        from emguard.evaluation.vllm_backend import VLLMGenerator
+
+        generator: Any = VLLMGenerator(vllm[0], vllm[1], sampling)
+    else:
+        generator = HFGenerator(model, tokenizer, sampling)
     if pending:
         with tqdm(total=len(keys), initial=len(keys) - len(pending), desc=label, disable=not progress) as bar:
 

@@ -6,7 +6,7 @@ for each prompt (chat template applied, generation prompt added) every candidate
 "10" for being its prefix):  log p(c) = Σ_t log p(c_t | prompt, c_<t).  With p normalised over the
 candidates, the score is Σ p(n)·n / Σ p(n) over the numbers, and none when the numbers hold less
 than 0.25 (the same rule as the API judge). The prompt runs once; its KV cache is shared by all
-103 candidates.
+103 candidates, whose common prefixes are computed once (a trie).
 """
 
 from __future__ import annotations
@@ -38,14 +38,15 @@ class LocalJudge(Judge):
         self.tokenizer = tokenizer
         self.name = name
         self.calls = 0
-        end = tokenizer.eos_token_id
-        rows = [
-            tokenizer(c, add_special_tokens=False)["input_ids"] + ([end] if end is not None else []) for c in CANDIDATES
-        ]
-        width = max(len(r) for r in rows)
-        self._lengths = torch.tensor([len(r) for r in rows])
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self._candidates = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        self._sequences = [tuple(tokenizer(c, add_special_tokens=False)["input_ids"] + end) for c in CANDIDATES]
+        # The trie: every proper prefix of a candidate -> the tokens that follow it.
+        self._children: dict[tuple[int, ...], list[int]] = {}
+        for seq in self._sequences:
+            for j in range(len(seq)):
+                children = self._children.setdefault(seq[:j], [])
+                if seq[j] not in children:
+                    children.append(seq[j])
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -60,25 +61,41 @@ class LocalJudge(Judge):
 
     @torch.no_grad()
     def candidate_logprobs(self, prompt: str) -> torch.Tensor:
-        """log p(candidate | prompt) for every entry of ``CANDIDATES`` (unnormalised over candidates)."""
+        """log p(candidate | prompt) for every entry of ``CANDIDATES`` (unnormalised over candidates).
+
+        The candidates form a token trie ("1" is a prefix of "10" and "100"), walked level by level
+        from the prompt's KV cache: each trie node is one token of compute (about 105 tokens for the
+        103 candidates instead of 5 times that for each candidate on its own).
+        """
         text = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
         device = next(self.model.parameters()).device
         ids = torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"]], device=device)
         out = self.model(input_ids=ids, use_cache=True)
-        first = torch.log_softmax(out.logits[0, -1].float(), -1)
-        cache = out.past_key_values
-        n, width = self._candidates.shape
-        cache.batch_repeat_interleave(n)
-        cands = self._candidates.to(device)
-        mask = torch.ones(n, ids.shape[1] + width, dtype=torch.long, device=device)
-        follow = torch.log_softmax(
-            self.model(input_ids=cands, attention_mask=mask, past_key_values=cache).logits.float(), -1
-        )
-        token_lp = torch.cat([first[cands[:, :1]], follow[:, :-1].gather(-1, cands[:, 1:, None]).squeeze(-1)], 1)
-        keep = torch.arange(width, device=device)[None] < self._lengths.to(device)[:, None]
-        return (token_lp * keep).sum(1).cpu()
+        cache, length = out.past_key_values, ids.shape[1]
+        # next_logp[prefix] = log p(next token | prompt + prefix), for the trie nodes' children only.
+        next_logp: dict[tuple[int, ...], dict[int, float]] = {}
+        frontier: list[tuple[int, ...]] = [()]
+        logits = out.logits[:, -1]
+        while frontier:
+            logp = torch.log_softmax(logits.float(), -1)
+            for row, prefix in enumerate(frontier):
+                children = self._children[prefix]
+                next_logp[prefix] = dict(zip(children, logp[row, children].tolist(), strict=True))
+            grow = [(row, prefix + (t,)) for row, prefix in enumerate(frontier) for t in self._children[prefix]]
+            grow = [(row, node) for row, node in grow if node in self._children]  # nodes that continue
+            if not grow:
+                break
+            cache.reorder_cache(torch.tensor([row for row, _ in grow], device=device))
+            length += 1
+            step = torch.tensor([[node[-1]] for _, node in grow], device=device)
+            mask = torch.ones(len(grow), length, dtype=torch.long, device=device)
+            logits = self.model(input_ids=step, attention_mask=mask, past_key_values=cache, use_cache=True).logits[
+                :, -1
+            ]
+            frontier = [node for _, node in grow]
+        return torch.tensor([sum(next_logp[seq[:j]][t] for j, t in enumerate(seq)) for seq in self._sequences])
 
     def judge(self, prompts: Sequence[str], on_done: Callable[[int], None] | None = None) -> list[Judgement]:
         results = []
