@@ -35,6 +35,14 @@ _EXPORTS = {
     "TrainResult": "emguard.training",
     "EmguardTrainer": "emguard.trainer",
     "run_demo": "emguard.demo",
+    "evaluate": "emguard.evaluation.evaluate",
+    "EvalResult": "emguard.evaluation.evaluate",
+    "load_questions": "emguard.evaluation.questions",
+    "load_pairs": "emguard.evaluation.probe",
+    "compute_metrics": "emguard.evaluation.metrics",
+    "load_judged": "emguard.evaluation.judged",
+    "build_judge": "emguard.evaluation.judges",
+    "HFGenerator": "emguard.evaluation.generation",
 }
 _RENAMED = {"register_defense": "register"}
 

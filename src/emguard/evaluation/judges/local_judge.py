@@ -73,7 +73,7 @@ class LocalJudge(Judge):
         device = next(self.model.parameters()).device
         ids = torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"]], device=device)
         out = self.model(input_ids=ids, use_cache=True)
-        cache, length = out.past_key_values, ids.shape[1]
+        cache, length = out.cache, ids.shape[1]
         # next_logp[prefix] = log p(next token | prompt + prefix), for the trie nodes' children only.
         next_logp: dict[tuple[int, ...], dict[int, float]] = {}
         frontier: list[tuple[int, ...]] = [()]
@@ -91,9 +91,7 @@ class LocalJudge(Judge):
             length += 1
             step = torch.tensor([[node[-1]] for _, node in grow], device=device)
             mask = torch.ones(len(grow), length, dtype=torch.long, device=device)
-            logits = self.model(input_ids=step, attention_mask=mask, past_key_values=cache, use_cache=True).logits[
-                :, -1
-            ]
+            logits = self.model(input_ids=step, attention_mask=mask, cache=cache, use_cache=True).logits[:, -1]
             frontier = [node for _, node in grow]
         return torch.tensor([sum(next_logp[seq[:j]][t] for j, t in enumerate(seq)) for seq in self._sequences])
 
