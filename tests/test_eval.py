@@ -174,3 +174,12 @@ def test_asking_for_vllm_without_it_is_a_clear_error(tmp_path, tiny_model_dir, m
 
     with pytest.raises(EmguardError, match=r"pip install 'emguard\[vllm\]'"):
         evaluate(config, progress=False)
+
+
+def test_a_bad_model_spec_fails_before_anything_is_written(tmp_path):
+    from emguard.errors import EmguardError
+
+    config = build_config({"model": "./no/such/model", "output_dir": str(tmp_path / "run")})
+    with pytest.raises(EmguardError, match="no such directory"):
+        evaluate(config, progress=False)
+    assert not (tmp_path / "run").exists()

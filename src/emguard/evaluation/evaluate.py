@@ -109,6 +109,9 @@ def evaluate(config: RunConfig, *, dry_run: bool = False, progress: bool = True)
     judge = None
     if e.judge is not None and e.judge.kind == "openai" and not dry_run:
         judge = _build_judge(config)  # fails now (e.g. no API key), before any generation
+    from emguard.models import load_model, load_tokenizer, resolve_model
+
+    resolved = None if dry_run else resolve_model(config.model)  # a bad model spec fails before any write
     run = RunDir(config.output_dir)
     run.path.mkdir(parents=True, exist_ok=True)
     atomic_write_yaml(run / EVAL_CONFIG, config.to_yaml_dict())
@@ -131,9 +134,7 @@ def evaluate(config: RunConfig, *, dry_run: bool = False, progress: bool = True)
     if dry_run:
         return result
 
-    from emguard.models import load_model, load_tokenizer, resolve_model
-
-    resolved = resolve_model(config.model)
+    assert resolved is not None
     tokenizer = load_tokenizer(resolved, config.model_options)
     model = load_model(resolved, config.model_options)
     if inputs.adapter is not None:
