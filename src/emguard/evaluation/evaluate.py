@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,7 +191,7 @@ def evaluate(config: RunConfig, *, dry_run: bool = False, progress: bool = True)
         benign = opswap_accuracy(items, benign_answers)
 
     # 6. Probe (last: it may attach the control adapter).
-    probe = _probe(model, tokenizer, inputs, e.probe.batch_size, e.bootstrap, progress) if inputs.pairs else {}
+    probe = _probe(model, tokenizer, inputs, e.probe.batch_size, e.bootstrap) if inputs.pairs else {}
 
     # 7. Records.
     rows = _sample_rows(inputs.requests, answers, judgements)
@@ -348,41 +349,43 @@ def _judged_metrics(config: RunConfig, rows: list[dict[str, Any]]) -> dict[str, 
     return out
 
 
-def _probe(model: Any, tokenizer: Any, inputs: _Inputs, batch_size: int, n_boot: int, progress: bool) -> dict:
-    """The probe report per pair set: evaluated vs base (adapter off) and vs the control adapter."""
+def _probe(model: Any, tokenizer: Any, inputs: _Inputs, batch_size: int, n_boot: int) -> dict:
+    """The probe report per pair set: evaluated vs base (adapter off) and vs the control adapter.
+
+    Each model state (evaluated, base, control) is set up once for all pair sets.
+    """
     from peft import PeftModel
 
-    reports = {}
-    specs = list(inputs.pairs)
-    for spec in tqdm(specs, desc="probe", disable=not progress or not specs):
-        pairs = inputs.pairs[spec]
-        evaluated = pair_gaps(model, tokenizer, pairs, batch_size)
-        if isinstance(model, PeftModel):
-            with model.disable_adapter():
-                base = pair_gaps(model, tokenizer, pairs, batch_size)
-        else:
-            base = evaluated
-        control = None
-        if inputs.control is not None:
-            control = _control_gaps(model, tokenizer, pairs, inputs.control, batch_size)
-        reports[spec] = probe_report(evaluated, base, control, n_boot=max(n_boot, 1))
-    return reports
+    def gaps(m: Any) -> dict[str, Any]:
+        return {spec: pair_gaps(m, tokenizer, pairs, batch_size) for spec, pairs in inputs.pairs.items()}
+
+    evaluated = gaps(model)
+    if isinstance(model, PeftModel):
+        with model.disable_adapter():
+            base = gaps(model)
+    else:
+        base = evaluated
+    control = _with_control(model, inputs.control, gaps) if inputs.control is not None else {}
+    return {
+        spec: probe_report(evaluated[spec], base[spec], control.get(spec), n_boot=max(n_boot, 1))
+        for spec in inputs.pairs
+    }
 
 
-def _control_gaps(model: Any, tokenizer: Any, pairs: list[AnswerPair], control: Path, batch_size: int) -> Any:
-    """Gaps under the control adapter, attached beside (never instead of) the evaluated one."""
+def _with_control(model: Any, control: Path, measure: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+    """``measure`` under the control adapter, attached beside (never instead of) the evaluated one."""
     from peft import PeftModel
 
     if not isinstance(model, PeftModel):
         with_control = attach_adapter(model, control, name="control")
         try:
-            return pair_gaps(with_control, tokenizer, pairs, batch_size)
+            return measure(with_control)
         finally:
             with_control.unload()  # back to the plain base model
     model.load_adapter(str(control), adapter_name="control", is_trainable=False)
     try:
         model.set_adapter("control")
-        return pair_gaps(model, tokenizer, pairs, batch_size)
+        return measure(model)
     finally:
         model.set_adapter("default")
         model.delete_adapter("control")
