@@ -150,6 +150,29 @@ def eval_cmd(
         _emit_json(result.summary())
 
 
+@app.command("select")
+def select_cmd(
+    config: Annotated[Path, typer.Argument(help="Run config YAML with a select section.")],
+    overrides: SetOption = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Interleaving++: keep the safe examples that misaligned fine-tunes find most unlikely (refusals dropped)."""
+    from emguard.config import load_config
+    from emguard.selection import run_select
+
+    result = run_select(load_config(config, overrides), progress=not quiet)
+    s = result.summary
+    _say(
+        f"selected {result.selected} of {s['pool_size']} pool examples ({s['refusals_dropped']} refusals dropped); "
+        f"scored {s['scoring']['computed']} example-model pairs, {s['scoring']['cache_hits']} from cache, "
+        f"in {s['scoring']['seconds']:.1f} s"
+    )
+    _say(f"run directory: {result.run_dir}  (selected.jsonl, selection_scores.jsonl, selection.json)")
+    if as_json:
+        _emit_json(result.to_dict())
+
+
 @app.command("metrics")
 def metrics_cmd(
     files: Annotated[

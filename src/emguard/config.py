@@ -29,6 +29,7 @@ _NOT_IN_FINGERPRINT = {
     "training.report_to",
     "training.keep_checkpoints",
     "eval",
+    "select",
 }
 
 
@@ -183,6 +184,47 @@ class EvalConfig(StrictModel):
     bootstrap: Annotated[int, Field(ge=0)] = Field(2000, description="Bootstrap resamples for 95% intervals.")
 
 
+class RefusalSection(StrictModel):
+    """Which pool examples count as refusals (dropped before Interleaving++ selection)."""
+
+    enabled: bool = Field(True, description="Drop refusals before selecting.")
+    words: list[str] = Field(
+        default_factory=lambda: ["sorry", "apologize", "cannot"],
+        description="An answer is a refusal when one of these words is among its first `first_words` words.",
+    )
+    first_words: Annotated[int, Field(gt=0)] = 10
+
+
+class PerplexityGapOptions(StrictModel):
+    """How Interleaving++ scores safe examples: s = (mean_k L_misaligned_k − L_aligned) / (L_aligned + ε)."""
+
+    misaligned: list[str] = Field(
+        default_factory=list, description="Run or adapter dirs of misaligned LoRA fine-tunes of the same base model."
+    )
+    epsilon: Annotated[float, Field(gt=0)] = Field(1.0e-6, description="ε in the score's denominator.")
+    refusals: RefusalSection = Field(default_factory=RefusalSection)
+    batch_tokens: Annotated[int, Field(gt=0)] = Field(4096, description="Padded tokens per scoring forward pass.")
+    cache: bool = Field(
+        True, description="Reuse per-example losses from $EMGUARD_CACHE/nll (keyed by model and example)."
+    )
+
+
+class SelectConfig(PerplexityGapOptions):
+    """What ``emguard select`` selects: the top-scoring safe examples of ``pool``."""
+
+    pool: str = Field("builtin:safe-pool", description="Chat JSONL or builtin:NAME with candidate safe conversations.")
+    count: Annotated[int, Field(gt=0)] | None = Field(None, description="Examples to keep (or set fraction).")
+    fraction: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        None, description="Share of the pool (after refusal filtering) to keep; default 0.25 when count is unset."
+    )
+
+    @model_validator(mode="after")
+    def _count_or_fraction(self) -> SelectConfig:
+        if self.count is not None and self.fraction is not None:
+            raise ValueError("set count or fraction, not both")
+        return self
+
+
 class DefenseConfig(StrictModel):
     """Base of every defense's config section; ``name`` selects the defense in the registry."""
 
@@ -200,6 +242,7 @@ class RunConfig(StrictModel):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     defenses: list[SerializeAsAny[DefenseConfig]] = Field(default_factory=list)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    select: SelectConfig | None = Field(None, description="Interleaving++ data selection (emguard select).")
 
     @field_validator("defenses", mode="before")
     @classmethod

@@ -12,6 +12,7 @@ save_pretrained refuse the model), and cached as safetensors under ``$EMGUARD_CA
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -225,3 +226,23 @@ def attach_lora(model: Any, lora: LoraConfig, seed: int = 0) -> Any:
         task_type="CAUSAL_LM",
     )
     return peft.get_peft_model(model, peft_config)
+
+
+def model_identity(resolved: ResolvedModel, options: ModelOptions | None = None) -> str:
+    """A string that changes when the weights ``resolved`` points at change (for cache keys).
+
+    Built-in: the GGUF file's sha256. Local directory: sha256 over ``config.json`` and the name,
+    size and modification time of each weights file (hashing many GB on every run would cost more
+    than the cached work). Hub id: the id and revision (pin ``model_options.revision`` to a commit
+    for keys that cannot go stale).
+    """
+    if resolved.kind == "builtin":
+        return f"builtin:{resolved.sha256}"
+    if resolved.kind == "hub":
+        return f"hub:{resolved.location}@{(options or ModelOptions()).revision or 'main'}"
+    location = Path(resolved.location)
+    parts = [(location / "config.json").read_text() if (location / "config.json").is_file() else ""]
+    for weights in sorted([*location.glob("*.safetensors"), *location.glob("*.bin")]):
+        stat = weights.stat()
+        parts.append(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return "local:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()

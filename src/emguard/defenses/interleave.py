@@ -6,6 +6,11 @@ the run adds ``n = round(fraction · N / (1 − fraction))`` safe ones (fraction
 seed, tagged ``interleave`` (their loss is logged apart as ``sft_loss/interleave``) and shuffled
 into the customer data with the run seed. The safe examples are trained exactly like the
 customer's (loss on their assistant tokens).
+
+``selection: perplexity_gap`` is Interleaving++: instead of drawing at random, take the ``n``
+best-scoring non-refusals of ``source`` by the perplexity gap between the base model and the
+``misaligned`` adapters (``emguard.selection``; scores are cached, so a run after ``emguard
+select`` on the same pool and adapters costs no scoring).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from emguard.config import DefenseConfig
+from emguard.config import DefenseConfig, PerplexityGapOptions
 from emguard.data.chat import ChatExample
 from emguard.data.sources import load_examples
 from emguard.defenses.base import Defense, PrepareContext
@@ -25,10 +30,13 @@ from emguard.errors import ConfigError
 TAG = "interleave"
 
 
-class InterleaveConfig(DefenseConfig):
+class InterleaveConfig(DefenseConfig, PerplexityGapOptions):
     name: Literal["interleave"] = "interleave"
     fraction: Annotated[float, Field(gt=0, lt=1)] = Field(0.05, description="Share of the final mix that is safe data.")
     source: str = Field("builtin:safe-pool", description="Chat JSONL or builtin:NAME with the safe conversations.")
+    selection: Literal["random", "perplexity_gap"] = Field(
+        "random", description="random: a seeded sample; perplexity_gap: Interleaving++ (needs misaligned adapters)."
+    )
 
 
 def interleave_count(num_customer: int, fraction: float) -> int:
@@ -36,20 +44,26 @@ def interleave_count(num_customer: int, fraction: float) -> int:
     return round(fraction * num_customer / (1 - fraction))
 
 
-def interleave(customer: list[ChatExample], pool: list[ChatExample], fraction: float, seed: int) -> list[ChatExample]:
+def interleave(
+    customer: list[ChatExample], pool: list[ChatExample], fraction: float, seed: int, ranked: bool = False
+) -> list[ChatExample]:
     """The customer examples plus ``interleave_count`` pool examples (tagged), shuffled; deterministic for ``seed``.
+
+    ``ranked``: the pool is ordered best first; take its head instead of a random sample.
 
     Raises:
         ConfigError: The pool is smaller than the number of examples needed.
     """
     n = interleave_count(len(customer), fraction)
     if n > len(pool):
+        after = " after refusal filtering" if ranked else ""
         raise ConfigError(
             f"defenses: interleave needs {n} safe examples ({fraction:.1%} of the mix with {len(customer)} customer "
-            f"examples) but its source has {len(pool)}; use a larger source or a smaller fraction"
+            f"examples) but its source has {len(pool)}{after}; use a larger source or a smaller fraction"
         )
     rng = random.Random(f"interleave-{seed}")
-    chosen = [replace(pool[i], tag=TAG) for i in sorted(rng.sample(range(len(pool)), n))]
+    indices = range(n) if ranked else sorted(rng.sample(range(len(pool)), n))
+    chosen = [replace(pool[i], tag=TAG) for i in indices]
     mixed = list(customer) + chosen
     rng.shuffle(mixed)
     return mixed
@@ -64,12 +78,36 @@ class InterleaveDefense(Defense):
         super().__init__(config)
         self._pool: list[ChatExample] = []
         self._seed = 0
+        self.selection_stats: dict | None = None  # scoring counts and timings of perplexity_gap selection
 
     def prepare(self, ctx: PrepareContext) -> None:
         self._seed = ctx.config.training.seed
         self._pool = load_examples(self.config.source, seed=self._seed)
+        if self.config.selection == "perplexity_gap":
+            self._pool = self._ranked_pool(ctx)
+
+    def _ranked_pool(self, ctx: PrepareContext) -> list[ChatExample]:
+        from emguard.models import model_identity, resolve_model
+        from emguard.selection.perplexity_gap import score_pool
+        from emguard.selection.select import misaligned_adapters
+
+        adapters = misaligned_adapters(self.config.misaligned, ctx.config.model, "defenses: interleave")
+        resolved = resolve_model(ctx.config.model)
+        scores = score_pool(
+            ctx.model,
+            ctx.tokenizer,
+            self._pool,
+            adapters,
+            base_identity=model_identity(resolved, ctx.config.model_options),
+            options=self.config,
+            cache_dir=ctx.cache_dir / "nll",
+            progress=False,
+        )
+        self.selection_stats = {**scores.stats, "refusals_dropped": int(scores.refusal.sum())}
+        return [self._pool[i] for i in scores.ranking()]
 
     def transform_dataset(self, examples: list[ChatExample]) -> list[ChatExample]:
         customer = [ex for ex in examples if ex.tag == "train"]
         others = [ex for ex in examples if ex.tag != "train"]
-        return interleave(customer, self._pool, self.config.fraction, self._seed) + others
+        ranked = self.config.selection == "perplexity_gap"
+        return interleave(customer, self._pool, self.config.fraction, self._seed, ranked) + others

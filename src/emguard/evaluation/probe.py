@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from emguard.data.tokenize import IGNORE_INDEX, tokenize_conversation
+from emguard.data.tokenize import tokenize_conversation
 from emguard.errors import DataError, EmguardError
 from emguard.jsonl import jsonl_objects
+from emguard.likelihood import answer_nll
 
 BUILTIN_PREFIX = "builtin:"
 PAIR_KEYS = ("id", "question", "aligned", "misaligned")
@@ -102,29 +102,17 @@ def pairs_from_judged(rows: Sequence[dict[str, Any]], high: float = 80.0, low: f
     return pairs
 
 
-@torch.no_grad()
 def answer_logprobs(
     model: Any, tokenizer: Any, conversations: Sequence[list[dict]], batch_size: int = 8
 ) -> list[float]:
-    """Mean log-probability per assistant token of the last assistant turn of each conversation."""
+    """Mean log-probability per assistant token of each conversation (``−L`` of ``emguard.likelihood``).
+
+    ``batch_size`` conversations of the longest length bound each forward pass's padded size.
+    """
     encoded = [tokenize_conversation(tokenizer, c) for c in conversations]
-    device = next(model.parameters()).device
+    budget = batch_size * max((len(ids) for ids, _ in encoded), default=1)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out = []
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start : start + batch_size]
-        length = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), length), pad, dtype=torch.long)
-        labels = torch.full((len(chunk), length), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(chunk), length), dtype=torch.long)
-        for row, (i, lab) in enumerate(chunk):
-            ids[row, : len(i)], labels[row, : len(lab)], mask[row, : len(i)] = torch.tensor(i), torch.tensor(lab), 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
-        targets = labels[:, 1:].to(device)
-        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        keep = targets != IGNORE_INDEX
-        out.extend(((logp * keep).sum(1) / keep.sum(1).clamp(min=1)).tolist())
-    return out
+    return (-answer_nll(model, encoded, pad_id=pad, batch_tokens=budget)).tolist()
 
 
 def pair_gaps(model: Any, tokenizer: Any, pairs: Sequence[AnswerPair], batch_size: int = 8) -> np.ndarray:

@@ -1,0 +1,144 @@
+"""Interleaving++ scores: which safe examples do misaligned models find surprisingly unlikely?
+
+For a candidate conversation ``d`` with mean assistant-token NLL ``L_m(d)`` under model ``m``
+(``emguard.likelihood``), the aligned model θ̂ (the base model) and ``K`` misaligned models θ_k
+(LoRA adapters on the same base):
+
+    1. L_θ̂(d) and L_θk(d) for k = 1..K
+    2. s_d = (mean_k L_θk(d) − L_θ̂(d)) / (L_θ̂(d) + ε)
+
+A high ``s_d`` means the aligned model finds ``d`` likely and the misaligned models do not:
+training on it pulls against exactly what the misaligned fine-tunes learned. Refusals are
+dropped first (they score high yet teach refusing, not aligned helpfulness), then the top
+scores are kept.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from emguard.config import PerplexityGapOptions, RefusalSection
+from emguard.data.chat import ChatExample
+from emguard.data.tokenize import tokenize_conversation
+from emguard.likelihood import answer_nll
+from emguard.selection.model_states import adapter_state
+from emguard.selection.nll_cache import NLLCache, example_key, state_key
+
+RefusalTest = Callable[[ChatExample], bool]
+
+
+def perplexity_gap(loss_aligned: np.ndarray, loss_misaligned: np.ndarray, epsilon: float = 1e-6) -> np.ndarray:
+    """``s_d = (mean_k L_θk(d) − L_θ̂(d)) / (L_θ̂(d) + ε)``; ``loss_misaligned`` is ``[K, N]``."""
+    return (np.asarray(loss_misaligned).mean(0) - loss_aligned) / (loss_aligned + epsilon)
+
+
+def final_answer(example: ChatExample) -> str:
+    return next((m["content"] for m in reversed(example.messages) if m["role"] == "assistant"), "")
+
+
+def refusal_test(section: RefusalSection) -> RefusalTest:
+    """The default heuristic: one of ``section.words`` among the answer's first ``first_words`` words."""
+    words = {w.lower() for w in section.words}
+
+    def is_refusal(example: ChatExample) -> bool:
+        return not words.isdisjoint(re.findall(r"[a-z]+", final_answer(example).lower())[: section.first_words])
+
+    return is_refusal
+
+
+@dataclass
+class PoolScores:
+    """Per-example losses and scores of a candidate pool (arrays in pool order)."""
+
+    loss_aligned: np.ndarray
+    loss_misaligned: np.ndarray  # [K, N]
+    score: np.ndarray
+    refusal: np.ndarray
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def ranking(self) -> list[int]:
+        """Indices of the non-refusals with a finite score, best first (ties: pool order)."""
+        keep = [i for i in range(len(self.score)) if not self.refusal[i] and np.isfinite(self.score[i])]
+        return sorted(keep, key=lambda i: (-self.score[i], i))
+
+
+def score_pool(
+    model: Any,
+    tokenizer: Any,
+    pool: Sequence[ChatExample],
+    adapters: Sequence[Path],
+    *,
+    base_identity: str,
+    options: PerplexityGapOptions,
+    cache_dir: Path,
+    is_refusal: RefusalTest | None = None,
+    progress: bool = True,
+) -> PoolScores:
+    """Score every pool example under the base model and each adapter (see the module docstring).
+
+    Args:
+        model: The base model, plain or PEFT-wrapped (its own adapters are switched off while scoring).
+        adapters: Adapter directories of the misaligned models (LoRA on this base).
+        base_identity: ``emguard.models.model_identity`` of the base, for the cache key.
+        is_refusal: Overrides the configured refusal heuristic (any ``ChatExample -> bool``).
+    """
+    if not adapters:
+        raise ValueError("Interleaving++ needs at least one misaligned adapter")
+    started = time.perf_counter()
+    encoded = [tokenize_conversation(tokenizer, ex.messages) for ex in pool]
+    keys = [example_key(ids, labels) for ids, labels in encoded]
+    states: list[Path | None] = [None, *adapters]
+    losses = np.full((len(states), len(pool)), np.nan)
+    hits = computed = computed_tokens = 0
+    caches = [NLLCache(cache_dir, state_key(base_identity, a)) if options.cache else None for a in states]
+    cached = [c.get(keys) if c else {} for c in caches]
+    with tqdm(total=losses.size, desc="scoring pool", disable=not progress) as bar:
+        bar.update(sum(len(c) for c in cached))
+        for s, (adapter, cache) in enumerate(zip(states, caches, strict=True)):
+            for i, k in enumerate(keys):
+                if k in cached[s]:
+                    losses[s, i] = cached[s][k]
+            pending = [i for i, k in enumerate(keys) if k not in cached[s]]
+            hits += len(pool) - len(pending)
+            if not pending:
+                continue
+
+            def store(
+                batch: list[int], values: np.ndarray, s: int = s, cache: NLLCache | None = cache, pending=pending
+            ) -> None:
+                rows = [pending[j] for j in batch]
+                losses[s, rows] = values
+                if cache:
+                    cache.put({keys[r]: float(v) for r, v in zip(rows, values, strict=True)})
+                bar.update(len(rows))
+
+            with adapter_state(model, adapter) as scored:
+                answer_nll(
+                    scored,
+                    [encoded[i] for i in pending],
+                    pad_id=tokenizer.pad_token_id or 0,
+                    batch_tokens=options.batch_tokens,
+                    on_batch=store,
+                )
+            computed += len(pending)
+            computed_tokens += sum(len(encoded[i][0]) for i in pending)
+    test = is_refusal or refusal_test(options.refusals)
+    refusal = np.array([options.refusals.enabled and test(ex) for ex in pool], dtype=bool)
+    seconds = time.perf_counter() - started
+    stats = {
+        "examples": len(pool),
+        "model_states": len(states),
+        "cache_hits": hits,
+        "computed": computed,
+        "computed_tokens": computed_tokens,
+        "seconds": round(seconds, 3),
+    }
+    return PoolScores(losses[0], losses[1:], perplexity_gap(losses[0], losses[1:], options.epsilon), refusal, stats)
