@@ -246,4 +246,6 @@ def test_interleave_with_perplexity_gap_trains_on_the_top_ranked_examples(tiny_m
     chosen = sorted(str(ex.messages) for ex in mixed if ex.tag == "interleave")
     assert len(chosen) == 3 and len(mixed) == 15
     assert chosen == sorted(str(read_chat_jsonl(pool)[i].messages) for i in scores.ranking()[:3])
-    assert defense.selection_stats["refusals_dropped"] == 2
+    assert defense.report["refusals_dropped"] == 2
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["defense_reports"]["interleave"]["refusals_dropped"] == 2

@@ -144,6 +144,7 @@ def train(
         tokenizer.save_pretrained(tmp)
     losses = [r["loss"] for r in run.read_train_log() if "loss" in r]
     run.update_manifest(
+        defense_reports={d.name: d.report for d in defenses if d.report is not None},
         status="finished",
         finished_at=now(),
         train={

@@ -99,6 +99,9 @@ class Defense:
 
     def __init__(self, config: DefenseConfig):
         self.config = config
+        #: What the defense did that a reader of the run should see (e.g. which modules SafeLoRA
+        #: projected); saved under ``defense_reports`` in the manifest when set.
+        self.report: dict[str, Any] | None = None
 
     @property
     def weight(self) -> float:

@@ -78,7 +78,6 @@ class InterleaveDefense(Defense):
         super().__init__(config)
         self._pool: list[ChatExample] = []
         self._seed = 0
-        self.selection_stats: dict | None = None  # scoring counts and timings of perplexity_gap selection
 
     def prepare(self, ctx: PrepareContext) -> None:
         self._seed = ctx.config.training.seed
@@ -103,7 +102,7 @@ class InterleaveDefense(Defense):
             cache_dir=ctx.cache_dir / "nll",
             progress=False,
         )
-        self.selection_stats = {**scores.stats, "refusals_dropped": int(scores.refusal.sum())}
+        self.report = {"selection": "perplexity_gap", **scores.stats, "refusals_dropped": int(scores.refusal.sum())}
         return [self._pool[i] for i in scores.ranking()]
 
     def transform_dataset(self, examples: list[ChatExample]) -> list[ChatExample]:

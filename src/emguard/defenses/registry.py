@@ -11,12 +11,21 @@ from emguard.defenses.interleave import InterleaveDefense
 from emguard.defenses.kl import KLDefense
 from emguard.defenses.ldifs import LDIFSDefense
 from emguard.defenses.none import NoDefense
+from emguard.defenses.safelora import SafeLoRADefense
 from emguard.defenses.steering import SteeringDefense
 from emguard.errors import ConfigError
 
 _REGISTRY: dict[str, type[Defense]] = {
     cls.name: cls
-    for cls in [NoDefense, KLDefense, LDIFSDefense, SteeringDefense, InoculationDefense, InterleaveDefense]
+    for cls in [
+        NoDefense,
+        KLDefense,
+        LDIFSDefense,
+        SteeringDefense,
+        InoculationDefense,
+        InterleaveDefense,
+        SafeLoRADefense,
+    ]
 }
 
 
