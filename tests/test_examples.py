@@ -17,7 +17,8 @@ def test_example_config_is_valid_and_documented(path):
     config = load_config(path)
     build_defenses(config.defenses)  # composable as listed
     text = path.read_text()
-    assert f"emguard train examples/{path.name}" in text or f"emguard eval examples/{path.name}" in text
+    commands = ("train", "eval", "select", "persona extract")
+    assert any(f"emguard {c} examples/{path.name}" in text for c in commands)
     assert config.output_dir == f"runs/{path.stem}"
 
 

@@ -28,6 +28,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Validate chat JSONL data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+persona_app = typer.Typer(help="Persona vectors (e.g. 'evil') for steering and screening.", no_args_is_help=True)
+app.add_typer(persona_app, name="persona")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")]
 SetOption = Annotated[
@@ -171,6 +173,73 @@ def select_cmd(
     _say(f"run directory: {result.run_dir}  (selected.jsonl, selection_scores.jsonl, selection.json)")
     if as_json:
         _emit_json(result.to_dict())
+
+
+@persona_app.command("extract")
+def persona_extract_cmd(
+    config: Annotated[Path, typer.Argument(help="Run config YAML (its persona section; output_dir gets the files).")],
+    overrides: SetOption = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Extract a persona vector (all layers) from contrastive system prompts; report each layer's separation."""
+    from emguard.config import load_config
+    from emguard.persona.extract import extract_persona
+
+    result = extract_persona(load_config(config, overrides), progress=not quiet)
+    r = result.report
+    judge = r["judge"] if isinstance(r["judge"], str) else f"judge {r['judge'].get('model')}"
+    _say(f"trait {r['trait']!r}: kept {r['pairs_kept']} of {r['pairs_total']} answer pairs ({judge})")
+    _say("steering layer  separation (Cohen's d)  vector norm")
+    for row in r["layers"][1:]:
+        _say(f"{row['steering_layer']:14d}  {row['separation']:21.2f}  {row['norm']:11.3f}")
+    _say(f"recommended steering layer: {r['recommended_layer']} (largest separation among the middle blocks)")
+    _say(f"vector file: {result.vector_file}  (use as steering.vector with steering.layer)")
+    if as_json:
+        _emit_json(result.summary())
+
+
+@app.command("screen")
+def screen_cmd(
+    data: Annotated[str, typer.Argument(help="Chat JSONL (or builtin:NAME) to screen before training.")],
+    vector: Annotated[Path, typer.Option(help="Persona vector file (emguard persona extract).")],
+    layer: Annotated[int, typer.Option(help="Steering layer (decoder block) to read the vector at.")],
+    model: Annotated[
+        str, typer.Option(help="Base model the data would be trained on.")
+    ] = "builtin:smollm2-135m-instruct",
+    pool: Annotated[str, typer.Option(help="Safe reference data.")] = "builtin:safe-pool",
+    pool_size: Annotated[int, typer.Option(help="Reference examples sampled from the pool.")] = 300,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(help="Misaligned adapter (run dir); repeat for several. Adds the perplexity gap."),
+    ] = None,
+    max_examples: Annotated[int | None, typer.Option(help="Screen a seeded sample of this many examples.")] = None,
+    reference: Annotated[
+        str, typer.Option(help="own_answers: compare with the base model's own answer to each prompt; none: raw.")
+    ] = "own_answers",
+    top: Annotated[int, typer.Option(help="Riskiest examples to list.")] = 10,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Pre-flight risk check: how far a dataset's answers sit toward the persona vector, vs a safe pool."""
+    from emguard.persona.screen import run_screen, screen_text
+
+    report = run_screen(
+        data,
+        vector_file=vector,
+        layer=layer,
+        model_spec=model,
+        pool_spec=pool,
+        pool_size=pool_size,
+        adapters=adapter or [],
+        max_examples=max_examples,
+        reference=reference,
+        top=top,
+        progress=not quiet,
+    )
+    _say(screen_text(data, report))
+    if as_json:
+        _emit_json(report)
 
 
 @app.command("metrics")

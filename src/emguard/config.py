@@ -30,6 +30,7 @@ _NOT_IN_FINGERPRINT = {
     "training.keep_checkpoints",
     "eval",
     "select",
+    "persona",
 }
 
 
@@ -225,6 +226,24 @@ class SelectConfig(PerplexityGapOptions):
         return self
 
 
+class PersonaSection(StrictModel):
+    """``emguard persona extract``: a persona vector from contrastive system prompts."""
+
+    trait: str = Field(
+        "builtin:evil", description="builtin:NAME or a trait YAML (description, prompt_pairs, questions)."
+    )
+    samples_per_question: Annotated[int, Field(gt=0)] = Field(1, description="Answers per question and system prompt.")
+    max_questions: Annotated[int, Field(gt=0)] | None = Field(None, description="Use only the first N questions.")
+    max_prompt_pairs: Annotated[int, Field(gt=0)] | None = Field(None, description="Use only the first N prompt pairs.")
+    sampling: SamplingSection = Field(
+        default_factory=lambda: SamplingSection(max_new_tokens=128), description="How the answers are sampled."
+    )
+    judge: JudgeSection | None = Field(None, description="Keeps only answers on the right side; null = keep all.")
+    trait_threshold: float = Field(50.0, description="Kept: trait score >= this (trait side) or < this (helpful side).")
+    coherence_threshold: float = Field(50.0, description="Kept: coherence score >= this (both sides).")
+    batch_tokens: Annotated[int, Field(gt=0)] = Field(4096, description="Padded tokens per activation forward pass.")
+
+
 class DefenseConfig(StrictModel):
     """Base of every defense's config section; ``name`` selects the defense in the registry."""
 
@@ -243,6 +262,7 @@ class RunConfig(StrictModel):
     defenses: list[SerializeAsAny[DefenseConfig]] = Field(default_factory=list)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     select: SelectConfig | None = Field(None, description="Interleaving++ data selection (emguard select).")
+    persona: PersonaSection = Field(default_factory=PersonaSection, description="emguard persona extract.")
 
     @field_validator("defenses", mode="before")
     @classmethod

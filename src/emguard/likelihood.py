@@ -41,7 +41,7 @@ def length_batches(lengths: Sequence[int], batch_tokens: int, max_batch: int = 6
     return batches
 
 
-def _pad(chunk: Sequence[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pad_batch(chunk: Sequence[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     length = max(len(ids) for ids, _ in chunk)
     ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
     labels = torch.full((len(chunk), length), IGNORE_INDEX, dtype=torch.long)
@@ -76,7 +76,7 @@ def answer_nll(
     out = np.full(len(encoded), np.nan)
     try:
         for indices in length_batches([len(ids) for ids, _ in encoded], batch_tokens):
-            ids, labels, mask = _pad([encoded[i] for i in indices], pad_id)
+            ids, labels, mask = pad_batch([encoded[i] for i in indices], pad_id)
             targets = labels[:, 1:].to(device)
             positions = torch.zeros_like(ids, dtype=torch.bool, device=device)
             positions[:, :-1] = targets != IGNORE_INDEX  # position t predicts token t + 1

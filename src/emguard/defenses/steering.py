@@ -101,24 +101,32 @@ class SteeringDefense(Defense):
         self.vector = v
 
     @contextlib.contextmanager
-    def hooks(self, model: Any) -> Iterator[None]:
+    def hooks(self, model: Any, always: bool = False) -> Iterator[None]:
+        """Steer while the block runs in training mode; ``always=True`` steers in eval mode too
+        (generation or scoring with the vector applied, e.g. to check its direction)."""
         if self.vector is None:
             raise RuntimeError("steering: prepare() must run before hooks()")
-        block = decoder_blocks(model)[self.layer]
-        shift = self.config.alpha * self.vector
-        cast: dict[tuple, torch.Tensor] = {}
-
-        def steer(module: torch.nn.Module, args: Any, output: Any) -> Any:
-            if not module.training:  # reference pass, evaluation: never steered
-                return None
-            hidden = block_hidden(output)
-            key = (hidden.dtype, hidden.device)
-            if key not in cast:
-                cast[key] = shift.to(dtype=hidden.dtype, device=hidden.device)
-            return with_block_hidden(output, hidden + cast[key])
-
-        handle = block.register_forward_hook(steer)
-        try:
+        with add_to_block_output(decoder_blocks(model)[self.layer], self.config.alpha * self.vector, always):
             yield
-        finally:
-            handle.remove()
+
+
+@contextlib.contextmanager
+def add_to_block_output(block: torch.nn.Module, shift: torch.Tensor, always: bool = False) -> Iterator[None]:
+    """Within the block, ``block``'s output becomes ``h + shift`` at every position (in training mode
+    only unless ``always``); the hook is removed on exit, also on exceptions."""
+    cast: dict[tuple, torch.Tensor] = {}
+
+    def steer(module: torch.nn.Module, args: Any, output: Any) -> Any:
+        if not (always or module.training):  # reference pass, evaluation: never steered
+            return None
+        hidden = block_hidden(output)
+        key = (hidden.dtype, hidden.device)
+        if key not in cast:
+            cast[key] = shift.to(dtype=hidden.dtype, device=hidden.device)
+        return with_block_hidden(output, hidden + cast[key])
+
+    handle = block.register_forward_hook(steer)
+    try:
+        yield
+    finally:
+        handle.remove()
