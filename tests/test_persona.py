@@ -228,3 +228,12 @@ def test_screen_against_the_models_own_answers_takes_the_projection_difference(t
     d = np.array(d)
     assert report["projection"]["data_mean"] == pytest.approx(d[:2].mean(), abs=1e-4)
     assert report["projection"]["risk_z"] == pytest.approx(((d[:2] - d.mean()) / d.std()).mean(), abs=1e-3)
+
+
+def test_a_judge_without_its_key_stops_extraction_before_any_work(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    config = persona_config(tmp_path, tiny_model_dir, judge={"kind": "openai", "model": "gpt-4o-2024-08-06"})
+    assert main(["persona", "extract", str(config), "--quiet"]) == 2
+    assert "needs an API key" in capsys.readouterr().err
+    assert not (tmp_path / "persona").exists()

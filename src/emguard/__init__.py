@@ -43,6 +43,15 @@ _EXPORTS = {
     "load_judged": "emguard.evaluation.judged",
     "build_judge": "emguard.evaluation.judges",
     "HFGenerator": "emguard.evaluation.generation",
+    "run_select": "emguard.selection",
+    "score_pool": "emguard.selection",
+    "perplexity_gap": "emguard.selection",
+    "answer_nll": "emguard.likelihood",
+    "extract_persona": "emguard.persona",
+    "load_trait": "emguard.persona",
+    "response_activations": "emguard.persona",
+    "screen_dataset": "emguard.persona",
+    "run_screen": "emguard.persona",
 }
 _RENAMED = {"register_defense": "register"}
 

@@ -62,13 +62,13 @@ def contrastive_requests(trait: Trait, samples: int) -> list[dict[str, Any]]:
     return records
 
 
-def _judge_pairs(config: RunConfig, trait: Trait, records: list[dict[str, Any]], progress: bool) -> dict[str, Any]:
+def _judge_pairs(
+    config: RunConfig, judge: Any, trait: Trait, records: list[dict[str, Any]], progress: bool
+) -> dict[str, Any]:
     """Score every answer for the trait and coherence and mark the kept pairs; returns the judge's description."""
     from emguard.evaluation.evaluate import default_judge_prompts
-    from emguard.evaluation.judges import build_judge
 
     section = config.persona
-    judge = build_judge(section.judge, cache_root() / "judge", config.model_options)
     coherent = default_judge_prompts()["coherent"]
     prompts = []
     for r in records:
@@ -98,6 +98,11 @@ def extract_persona(config: RunConfig, progress: bool = True) -> PersonaResult:
         trait.judge_prompt,
     )
     records = contrastive_requests(trait, section.samples_per_question)
+    judge = None
+    if section.judge is not None:  # built first: a missing API key should stop us before generating
+        from emguard.evaluation.judges import build_judge
+
+        judge = build_judge(section.judge, cache_root() / "judge", config.model_options)
     resolved = resolve_model(config.model)
     tokenizer = load_tokenizer(resolved, config.model_options)
     model = load_model(resolved, config.model_options)
@@ -110,8 +115,8 @@ def extract_persona(config: RunConfig, progress: bool = True) -> PersonaResult:
         answers = generator.generate([r["messages"] for r in records], on_batch=lambda i, _: bar.update(len(i)))
     for r, answer in zip(records, answers, strict=True):
         r["answer"] = answer
-    if section.judge is not None:
-        judge_info: dict[str, Any] | str = _judge_pairs(config, trait, records, progress)
+    if judge is not None:
+        judge_info: dict[str, Any] | str = _judge_pairs(config, judge, trait, records, progress)
     else:
         judge_info = "none configured: every pair was kept, unfiltered (set persona.judge to filter)"
         for r in records:
