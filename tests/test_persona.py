@@ -237,3 +237,21 @@ def test_a_judge_without_its_key_stops_extraction_before_any_work(tiny_model_dir
     assert main(["persona", "extract", str(config), "--quiet"]) == 2
     assert "needs an API key" in capsys.readouterr().err
     assert not (tmp_path / "persona").exists()
+
+
+def test_screen_cli_ranks_several_datasets_against_one_pool(tiny_model_dir, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    save_file({"v": torch.randn(32, generator=torch.Generator().manual_seed(2))}, str(tmp_path / "v.safetensors"))
+    a = write_jsonl(tmp_path / "a.jsonl", CONVERSATIONS[:2])
+    b = write_jsonl(tmp_path / "b.jsonl", CONVERSATIONS[1:])
+    pool = write_jsonl(tmp_path / "pool.jsonl", CONVERSATIONS)
+    args = ["screen", str(a), str(b), "--vector", str(tmp_path / "v.safetensors"), "--layer", "-1"]
+    args += ["--model", str(tiny_model_dir), "--pool", str(pool), "--reference", "none", "--quiet", "--json"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    reports = json.loads(captured.out)
+    assert [r["dataset"] for r in reports] == [str(a), str(b)] and all(r["layer"] == 1 for r in reports)
+    assert "ranking (dataset risk score)" in captured.err
+    assert main([*args[:-4], "--reference", "mine", "--quiet"]) == 2
+    assert "--reference must be own_answers or none" in capsys.readouterr().err

@@ -201,7 +201,7 @@ def persona_extract_cmd(
 
 @app.command("screen")
 def screen_cmd(
-    data: Annotated[str, typer.Argument(help="Chat JSONL (or builtin:NAME) to screen before training.")],
+    data: Annotated[list[str], typer.Argument(help="Chat JSONL files (or builtin:NAME) to screen before training.")],
     vector: Annotated[Path, typer.Option(help="Persona vector file (emguard persona extract).")],
     layer: Annotated[int, typer.Option(help="Steering layer (decoder block) to read the vector at.")],
     model: Annotated[
@@ -224,7 +224,7 @@ def screen_cmd(
     """Pre-flight risk check: how far a dataset's answers sit toward the persona vector, vs a safe pool."""
     from emguard.persona.screen import run_screen, screen_text
 
-    report = run_screen(
+    reports = run_screen(
         data,
         vector_file=vector,
         layer=layer,
@@ -237,9 +237,17 @@ def screen_cmd(
         top=top,
         progress=not quiet,
     )
-    _say(screen_text(data, report))
+    for report in reports:
+        _say(screen_text(report["dataset"], report))
+    if len(reports) > 1:
+        _say(
+            "ranking (dataset risk score): "
+            + ", ".join(
+                f"{r['dataset']} {r['risk_score']:+.2f}" for r in sorted(reports, key=lambda r: -r["risk_score"])
+            )
+        )
     if as_json:
-        _emit_json(report)
+        _emit_json(reports)
 
 
 @app.command("metrics")

@@ -185,7 +185,7 @@ def screen_text(name: str, report: dict[str, Any]) -> str:
 
 
 def run_screen(
-    data_spec: str,
+    data_specs: Sequence[str],
     *,
     vector_file: Path,
     layer: int,
@@ -197,16 +197,16 @@ def run_screen(
     reference: str = "own_answers",
     top: int = 10,
     progress: bool = True,
-) -> dict[str, Any]:
-    """Load everything ``emguard screen`` names, then ``screen_dataset``."""
+) -> list[dict[str, Any]]:
+    """Load everything ``emguard screen`` names, then ``screen_dataset`` for each dataset (one pool pass)."""
     from emguard.blocks import check_layers, decoder_blocks
     from emguard.data.sources import load_examples
     from emguard.defenses.steering import load_steering_vector
     from emguard.models import cache_root, load_model, load_tokenizer, model_identity, resolve_model
     from emguard.selection.select import misaligned_adapters
 
-    data = load_examples(data_spec)
-    data = pool_sample(data, max_examples) if max_examples else data
+    datasets = {spec: load_examples(spec) for spec in data_specs}
+    datasets = {spec: pool_sample(d, max_examples) if max_examples else d for spec, d in datasets.items()}
     pool = pool_sample(load_examples(pool_spec), pool_size)
     adapter_dirs = misaligned_adapters(list(adapters), model_spec, "screen --adapter") if adapters else []
     resolved = resolve_model(model_spec)
@@ -218,18 +218,26 @@ def run_screen(
     except ValueError as e:
         raise ConfigError(str(e)) from None
     vector = load_steering_vector(vector_file, None, layer, blocks, model.config.hidden_size)
-    report = screen_dataset(
-        model,
-        tokenizer,
-        data,
-        pool,
-        vector,
-        layer,
-        adapters=adapter_dirs,
-        base_identity=model_identity(resolved),
-        cache_dir=cache_root() / "nll",
-        reference=reference,
-        top=top,
-        progress=progress,
-    )
-    return {"dataset": data_spec, "pool": pool_spec, "model": model_spec, "vector": str(vector_file), **report}
+    if reference not in ("own_answers", "none"):
+        raise ConfigError(f"screen: --reference must be own_answers or none, not {reference!r}")
+    tokens = 64 if reference == "own_answers" else None
+    pool_scores = projection_scores(model, tokenizer, pool, vector, layer, tokens, "pool", progress)
+    reports = []
+    for spec, data in datasets.items():
+        report = screen_dataset(
+            model,
+            tokenizer,
+            data,
+            pool,
+            vector,
+            layer,
+            adapters=adapter_dirs,
+            base_identity=model_identity(resolved),
+            cache_dir=cache_root() / "nll",
+            reference=reference,
+            pool_scores=pool_scores,
+            top=top,
+            progress=progress,
+        )
+        reports.append({"dataset": spec, "pool": pool_spec, "model": model_spec, "vector": str(vector_file), **report})
+    return reports
