@@ -80,7 +80,8 @@ def test_defense_sections_are_validated_by_their_own_class():
         build_config({**BASE, "defenses": [{"name": "none", "strength": 2}]})
     assert "defenses[0].strength: unknown key" in str(info.value)
     with pytest.raises(
-        ConfigError, match="unknown defense 'kk'; available: inoculation, interleave, kl, ldifs, none, safelora, steering"
+        ConfigError,
+        match="unknown defense 'kk'; available: inoculation, interleave, kl, ldifs, none, safelora, steering",
     ):
         build_config({**BASE, "defenses": [{"name": "kk"}]})
 

@@ -98,14 +98,16 @@ def test_steered_generations_move_toward_the_trait(persona, model_and_tokenizer)
     assert projection(steered).mean() > projection(plain).mean()
 
 
-def test_screen_ranks_the_narrow_datasets_above_the_safe_pool(persona, model_and_tokenizer, capsys):
+def test_screen_ranks_risky_finance_above_the_safe_pool(persona, model_and_tokenizer, capsys):
+    """The projection screen flags risky-finance clearly. It does not flag insecure-code (within noise of
+    the pool with this vector, below it with the full one: see the README), so that is not asserted."""
     model, tokenizer = model_and_tokenizer
     layer = persona["recommended_layer"]
     pool = pool_sample(load_examples("builtin:safe-pool"), 24, seed=0)
     vector = load_file(str(persona["file"]))["persona_vector"][layer + 1]
     pool_scores = projection_scores(model, tokenizer, pool, vector, layer, own_answer_tokens=32, progress=False)
     risk = {}
-    for name in ("risky-finance", "insecure-code", "safe-pool"):
+    for name in ("risky-finance", "safe-pool"):
         data = pool_sample(load_examples(f"builtin:{name}"), 24, seed=1)
         report = screen_dataset(
             model, tokenizer, data, pool, vector, layer, own_answer_tokens=32, pool_scores=pool_scores, progress=False
@@ -114,4 +116,4 @@ def test_screen_ranks_the_narrow_datasets_above_the_safe_pool(persona, model_and
         print(screen_text(name, report))
     with capsys.disabled():
         print("\nscreen risk scores (pool SDs):", {k: round(v, 3) for k, v in risk.items()})
-    assert risk["risky-finance"] > risk["safe-pool"] and risk["insecure-code"] > risk["safe-pool"]
+    assert risk["risky-finance"] > risk["safe-pool"] + 0.5
