@@ -9,9 +9,9 @@ Per example ``i`` of the dataset, with the base model and a persona vector ``v``
     3. z_i = (d_i − mean_pool d) / std_pool d   against a sample of a safe reference pool
     4. projection risk = mean_i z_i   (how far the dataset's answers sit toward the trait, in pool SDs)
 
-Measured on the built-in model, the raw projection (``none``) put ``builtin:insecure-code`` *below*
-the safe pool (code answers project low whatever their intent); the difference to the model's own
-answers ranks it above the pool and above its matched control ``secure-code``.
+Measured on the built-in model: the difference flags ``builtin:risky-finance`` (+1.7 pool SDs, its
+control +0.7) but not ``builtin:insecure-code``, which stays at or below the pool with either the
+raw projection or the difference (README, "Dataset screen").
 
 With misaligned adapters, also the Interleaving++ perplexity gap ``s_i`` of every example and its
 pool-standardised mean (a dataset that misaligned models find *likely* has a low gap: risk is
