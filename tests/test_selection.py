@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import chat, tiny_run_config, write_jsonl
 from emguard.cli import main
+from emguard.config import LoraConfig as LoraSection
 from emguard.config import PerplexityGapOptions, RefusalSection
 from emguard.data.chat import read_chat_jsonl
 from emguard.data.tokenize import IGNORE_INDEX, tokenize_conversation
@@ -83,13 +84,11 @@ def test_answer_nll_matches_a_plain_forward_at_any_batch_size(tiny_model_dir: Pa
         np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
-def test_refusal_heuristic_looks_only_at_the_first_words():
-    pool = read_chat_jsonl(write_jsonl(Path("/tmp") / "emguard-refusals.jsonl", POOL))
+def test_refusal_heuristic_looks_only_at_the_first_words(tmp_path):
+    pool = read_chat_jsonl(write_jsonl(tmp_path / "refusals.jsonl", POOL))
     test = refusal_test(RefusalSection())
     assert {i for i, ex in enumerate(pool) if test(ex)} == REFUSALS
-    late = read_chat_jsonl(
-        write_jsonl(Path("/tmp") / "emguard-late.jsonl", [chat("q", " ".join(["word"] * 10) + " sorry")])
-    )
+    late = read_chat_jsonl(write_jsonl(tmp_path / "late.jsonl", [chat("q", " ".join(["word"] * 10) + " sorry")]))
     assert not test(late[0])
     assert refusal_test(RefusalSection(first_words=11))(late[0])
 
@@ -152,7 +151,7 @@ def test_scores_equal_the_formula_by_hand_and_the_rerun_hits_the_cache(tiny_mode
 
 
 def test_scoring_leaves_a_model_in_training_exactly_as_it_was(tiny_model_dir, adapters):
-    model = attach_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfigSection(), seed=0)
+    model = attach_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraSection(r=4, alpha=8), seed=0)
     model.train()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     ids = torch.tensor([[5, 6, 7, 8]])
@@ -175,12 +174,6 @@ def test_scoring_leaves_a_model_in_training_exactly_as_it_was(tiny_model_dir, ad
         assert not torch.allclose(m(input_ids=ids).logits, reference)
     torch.testing.assert_close(plain(input_ids=ids).logits, reference, rtol=0, atol=0)
     assert not any("lora" in n for n, _ in plain.named_parameters())
-
-
-def LoraConfigSection():  # noqa: N802 - reads as the config class it builds
-    from emguard.config import LoraConfig as Section
-
-    return Section(r=4, alpha=8)
 
 
 def test_select_cli_writes_selection_and_scores_and_reuses_the_cache(tiny_model_dir, adapters, tmp_path, capsys):

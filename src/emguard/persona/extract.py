@@ -16,7 +16,7 @@ metadata), ``persona.json`` (counts, judge, per-layer separation, recommended st
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,12 +90,10 @@ def extract_persona(config: RunConfig, progress: bool = True) -> PersonaResult:
     """Run the extraction of ``config.persona`` on ``config.model`` (see the module docstring)."""
     section = config.persona
     trait = load_trait(section.trait)
-    trait = Trait(
-        trait.name,
-        trait.description,
-        trait.prompt_pairs[: section.max_prompt_pairs],
-        trait.questions[: section.max_questions],
-        trait.judge_prompt,
+    trait = replace(
+        trait,
+        prompt_pairs=trait.prompt_pairs[: section.max_prompt_pairs],
+        questions=trait.questions[: section.max_questions],
     )
     records = contrastive_requests(trait, section.samples_per_question)
     judge = None
@@ -158,6 +156,6 @@ def extract_persona(config: RunConfig, progress: bool = True) -> PersonaResult:
     metadata = {k: report[k] for k in ("model", "trait", "description", "pairs_total", "pairs_kept", "judge")}
     metadata.update(layer_convention=LAYER_CONVENTION, recommended_layer=best)
     save_vector(out / VECTOR_FILE, vector, metadata)
-    atomic_write_jsonl(out / SAMPLES_FILE, [{k: v for k, v in r.items()} for r in records])
+    atomic_write_jsonl(out / SAMPLES_FILE, records)
     atomic_write_json(out / REPORT_FILE, report)
     return PersonaResult(out / VECTOR_FILE, report)

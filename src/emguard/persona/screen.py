@@ -37,6 +37,8 @@ from emguard.evaluation.generation import HFGenerator, SamplingConfig
 from emguard.persona.activations import response_activations
 from emguard.selection.perplexity_gap import score_pool
 
+OWN_ANSWER_TOKENS = 64  # length of the base model's own greedy answers (the reference of step 2)
+
 
 def _prompt(example: ChatExample) -> list[dict]:
     """The conversation up to (not including) its last assistant turn."""
@@ -50,7 +52,7 @@ def projection_scores(
     examples: Sequence[ChatExample],
     vector: torch.Tensor,
     layer: int,
-    own_answer_tokens: int | None = 64,
+    own_answer_tokens: int | None = OWN_ANSWER_TOKENS,
     desc: str = "screening",
     progress: bool = True,
 ) -> np.ndarray:
@@ -91,7 +93,7 @@ def screen_dataset(
     base_identity: str = "",
     cache_dir: Path | None = None,
     reference: str = "own_answers",
-    own_answer_tokens: int = 64,
+    own_answer_tokens: int = OWN_ANSWER_TOKENS,
     pool_scores: np.ndarray | None = None,
     top: int = 10,
     progress: bool = True,
@@ -220,7 +222,7 @@ def run_screen(
     vector = load_steering_vector(vector_file, None, layer, blocks, model.config.hidden_size)
     if reference not in ("own_answers", "none"):
         raise ConfigError(f"screen: --reference must be own_answers or none, not {reference!r}")
-    tokens = 64 if reference == "own_answers" else None
+    tokens = OWN_ANSWER_TOKENS if reference == "own_answers" else None
     pool_scores = projection_scores(model, tokenizer, pool, vector, layer, tokens, "pool", progress)
     reports = []
     for spec, data in datasets.items():
