@@ -43,6 +43,31 @@ def test_answer_logprob_is_the_mean_over_exactly_the_answer_tokens(tiny):
         assert value == pytest.approx(expected, abs=1e-5)
 
 
+def test_cached_losses_are_exact_and_only_new_conversations_are_computed(tiny, tmp_path):
+    from emguard.selection.nll_cache import NLLCache
+
+    model, tokenizer = tiny
+    pairs = load_pairs("builtin:general")[:3]
+    cache = NLLCache(tmp_path, "state")
+    first = pair_gaps(model, tokenizer, pairs, cache=cache)
+    assert np.array_equal(first, pair_gaps(model, tokenizer, pairs))  # caching changes nothing
+
+    class NoForward(torch.nn.Module):  # proves a fully cached call runs no forward pass
+        def forward(self, *args, **kwargs):
+            raise AssertionError("computed although cached")
+
+    assert np.array_equal(pair_gaps(NoForward(), tokenizer, pairs, cache=NLLCache(tmp_path, "state")), first)
+    more = load_pairs("builtin:general")[:4]
+    assert pair_gaps(model, tokenizer, more, cache=cache)[:3].tolist() == first.tolist()
+    assert len(cache.path.read_text().splitlines()) == 2 * 4  # the 4th pair's 2 answers were added
+
+
+def test_probe_report_adds_the_coherence_proxy():
+    evaluated, base = np.array([0.5, 0.7]), np.array([0.1, 0.2])
+    report = probe_report(evaluated, base, n_boot=50, aligned=(np.array([-1.2, -1.0]), np.array([-1.0, -0.9])))
+    assert report["aligned_nll_shift"]["mean"] == pytest.approx(0.15)  # 0.2 and 0.1 nats/token lost
+
+
 def test_gap_is_zero_for_identical_answers_and_shift_is_against_base_and_control(tiny):
     model, tokenizer = tiny
     same = [AnswerPair("x", "Q?", "Same answer.", "Same answer.")]

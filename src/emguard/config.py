@@ -159,7 +159,11 @@ class ProbeSection(StrictModel):
     control: str | None = Field(
         None, description="Run or adapter dir of a control fine-tune (matched benign data): shift reported against it."
     )
+    max_pairs: Annotated[int, Field(gt=0)] | None = Field(None, description="Use only the first N pairs of each set.")
     batch_size: Annotated[int, Field(gt=0)] = 8
+    cache: bool = Field(
+        True, description="Reuse per-answer losses of the same model state ($EMGUARD_CACHE/nll); they are exact."
+    )
 
 
 class BenignSection(StrictModel):
@@ -244,6 +248,25 @@ class PersonaSection(StrictModel):
     batch_tokens: Annotated[int, Field(gt=0)] = Field(4096, description="Padded tokens per activation forward pass.")
 
 
+class MonitorSection(StrictModel):
+    """In-training EM monitor (``emguard.monitor``): the judge-free probe every N optimizer steps."""
+
+    every: Annotated[int, Field(ge=0)] = Field(
+        0, description="Check every N optimizer steps (and at the last); 0 = off."
+    )
+    pairs: str = Field("builtin:general", description="Held-out probe pairs (JSONL or builtin:NAME).")
+    max_pairs: Annotated[int, Field(gt=0)] | None = Field(None, description="Use only the first N pairs (faster).")
+    threshold: float | None = Field(
+        None, description="Probe shift (nats/token vs the base model) at which the run is flagged or stopped."
+    )
+    action: Literal["flag", "stop"] = Field("flag", description="What crossing the threshold does.")
+    judge_samples: Annotated[int, Field(ge=0)] = Field(
+        0, description="Also judge this many generated general answers per check (needs eval.judge); 0 = probe only."
+    )
+    max_new_tokens: Annotated[int, Field(gt=0)] = Field(64, description="Length of the judged sample's answers.")
+    batch_size: Annotated[int, Field(gt=0)] = 8
+
+
 class DefenseConfig(StrictModel):
     """Base of every defense's config section; ``name`` selects the defense in the registry."""
 
@@ -263,6 +286,7 @@ class RunConfig(StrictModel):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     select: SelectConfig | None = Field(None, description="Interleaving++ data selection (emguard select).")
     persona: PersonaSection = Field(default_factory=PersonaSection, description="emguard persona extract.")
+    monitor: MonitorSection = Field(default_factory=MonitorSection, description="In-training EM monitor.")
 
     @field_validator("defenses", mode="before")
     @classmethod
@@ -388,14 +412,25 @@ def build_config(data: dict[str, Any], overrides: list[str] | None = None, sourc
     Raises:
         ConfigError: Listing every invalid or unknown key as ``key.path: message``.
     """
+    return validate_with_overrides(RunConfig, data, overrides, source, "configuration")
+
+
+def validate_with_overrides(
+    model: type[BaseModel], data: dict[str, Any], overrides: list[str] | None, source: str, what: str
+) -> Any:
+    """``model`` validated from a copy of ``data`` with ``--set`` overrides applied.
+
+    Raises:
+        ConfigError: ``SOURCE: invalid WHAT:`` and every problem as ``key.path: message``.
+    """
     data = copy.deepcopy(data)
     for text in overrides or []:
         apply_override(data, *parse_override(text))
     try:
-        return RunConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
-        lines = _format_errors(e, model=RunConfig)
-        raise ConfigError(f"{source}: invalid configuration:\n" + "\n".join(f"  {line}" for line in lines)) from None
+        lines = _format_errors(e, model=model)
+        raise ConfigError(f"{source}: invalid {what}:\n" + "\n".join(f"  {line}" for line in lines)) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

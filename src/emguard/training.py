@@ -28,7 +28,16 @@ from emguard.defenses.base import PrepareContext
 from emguard.defenses.registry import build_defenses
 from emguard.errors import ConfigError
 from emguard.fsio import atomic_directory
-from emguard.models import attach_lora, cache_root, load_model, load_tokenizer, resolve_dtype, resolve_model
+from emguard.models import (
+    attach_lora,
+    cache_root,
+    load_model,
+    load_tokenizer,
+    model_identity,
+    resolve_dtype,
+    resolve_model,
+)
+from emguard.monitor import EMMonitorCallback
 from emguard.rundir import ADAPTER, CHECKPOINTS, TRAIN_LOG, RunDir, git_commit, now, package_versions
 from emguard.trainer import EmguardTrainer
 from emguard.utils import sha256_file, sha256_text
@@ -91,11 +100,14 @@ def train(
     model = attach_lora(load_model(resolved, config.model_options), config.lora, seed=config.training.seed)
     if config.training.gradient_checkpointing:
         model.enable_input_require_grads()
-    prepare = PrepareContext(config, model, tokenizer, run.path, cache_root())
+    prepare = PrepareContext(config, model, tokenizer, run.path, cache_root(), progress=progress)
     for defense in defenses:
         defense.prepare(prepare)
         examples = defense.transform_dataset(examples)
     tokenized = tokenize_examples(tokenizer, examples, max_length=config.data.max_length, overlong=config.data.overlong)
+    monitor = None
+    if config.monitor.every:
+        monitor = EMMonitorCallback(config, tokenizer, model_identity(resolved, config.model_options))
     args = training_arguments(config, run.path / CHECKPOINTS, progress)
 
     # 2. The run directory: config first, then the manifest.
@@ -129,10 +141,12 @@ def train(
         tags=tags,
         callbacks=[TrainLogCallback(run / TRAIN_LOG), CheckpointMarkerCallback(), *callbacks],
     )
+    if monitor is not None:
+        trainer.add_callback(monitor.bind(trainer))
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     if progress:
-        trainer.add_callback(ProgressBarCallback(f"training {run.path.name}"))
+        trainer.add_callback(ProgressBarCallback(f"training {Path(*run.path.parts[-3:])}"))
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     # 4. Post-hoc edits, then the adapter (atomically) and the finished manifest.
@@ -143,7 +157,9 @@ def train(
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     losses = [r["loss"] for r in run.read_train_log() if "loss" in r]
+    train_runtime = output.metrics.get("train_runtime", 0.0)
     run.update_manifest(
+        monitor=monitor.summary(train_runtime) if monitor is not None else None,
         defense_reports={d.name: d.report for d in defenses if d.report is not None},
         status="finished",
         finished_at=now(),
@@ -151,7 +167,7 @@ def train(
             "steps": trainer.state.global_step,
             "first_loss": losses[0] if losses else None,
             "final_loss": losses[-1] if losses else None,
-            "train_runtime_s": round(output.metrics.get("train_runtime", 0.0), 2),
+            "train_runtime_s": round(train_runtime, 2),
             "wall_time_s": round(time.monotonic() - started, 2),
         },
     )

@@ -39,6 +39,7 @@ class PrepareContext:
     tokenizer: Any
     run_dir: Path
     cache_dir: Path
+    progress: bool = False  # show progress bars for long preparation (e.g. scoring a pool)
 
 
 @dataclass

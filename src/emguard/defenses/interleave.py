@@ -37,6 +37,9 @@ class InterleaveConfig(DefenseConfig, PerplexityGapOptions):
     selection: Literal["random", "perplexity_gap"] = Field(
         "random", description="random: a seeded sample; perplexity_gap: Interleaving++ (needs misaligned adapters)."
     )
+    pool_size: Annotated[int, Field(gt=0)] | None = Field(
+        None, description="Draw from a fixed sample of this many source examples (fewer to score); null = all."
+    )
 
 
 def interleave_count(num_customer: int, fraction: float) -> int:
@@ -82,6 +85,10 @@ class InterleaveDefense(Defense):
     def prepare(self, ctx: PrepareContext) -> None:
         self._seed = ctx.config.training.seed
         self._pool = load_examples(self.config.source, seed=self._seed)
+        n = self.config.pool_size
+        if n is not None and n < len(self._pool):  # the same sample for every seed: cached scores carry over
+            keep = sorted(random.Random("interleave-pool").sample(range(len(self._pool)), n))
+            self._pool = [self._pool[i] for i in keep]
         if self.config.selection == "perplexity_gap":
             self._pool = self._ranked_pool(ctx)
 
@@ -100,7 +107,7 @@ class InterleaveDefense(Defense):
             base_identity=model_identity(resolved, ctx.config.model_options),
             options=self.config,
             cache_dir=ctx.cache_dir / "nll",
-            progress=False,
+            progress=ctx.progress,
         )
         self.report = {"selection": "perplexity_gap", **scores.stats, "refusals_dropped": int(scores.refusal.sum())}
         return [self._pool[i] for i in scores.ranking()]

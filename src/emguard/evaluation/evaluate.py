@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from emguard.config import RunConfig
@@ -32,7 +33,7 @@ from emguard.evaluation.generation import GenerationStats, HFGenerator, Sampling
 from emguard.evaluation.judged import JudgedSample
 from emguard.evaluation.metrics import Thresholds, compute_metrics
 from emguard.evaluation.opswap_eval import opswap_accuracy, opswap_eval_items
-from emguard.evaluation.probe import AnswerPair, load_pairs, pair_gaps, probe_report
+from emguard.evaluation.probe import AnswerPair, load_pairs, pair_logprobs, probe_report
 from emguard.evaluation.questions import Question, SampleRequest, load_questions, sample_requests
 from emguard.fsio import atomic_write_json, atomic_write_jsonl, atomic_write_yaml
 from emguard.rundir import MANIFEST, RunDir, git_commit, now, package_versions
@@ -85,7 +86,7 @@ def _read_inputs(config: RunConfig) -> _Inputs:
     e = config.eval
     questions = {spec: load_questions(spec) for spec in dict.fromkeys(e.questions)}
     requests = [(spec, r) for spec, qs in questions.items() for r in sample_requests(qs, e.samples_per_paraphrase)]
-    pairs = {spec: load_pairs(spec) for spec in dict.fromkeys(e.probe.pairs)}
+    pairs = {spec: load_pairs(spec)[: e.probe.max_pairs] for spec in dict.fromkeys(e.probe.pairs)}
     adapter = find_adapter(e.adapter) if e.adapter else None
     control = find_adapter(e.probe.control) if e.probe.control else None
     if adapter is None and Path(config.output_dir, "adapter", "adapter_config.json").is_file():
@@ -110,7 +111,7 @@ def evaluate(config: RunConfig, *, dry_run: bool = False, progress: bool = True)
     judge = None
     if e.judge is not None and e.judge.kind == "openai" and not dry_run:
         judge = _build_judge(config)  # fails now (e.g. no API key), before any generation
-    from emguard.models import load_model, load_tokenizer, resolve_model
+    from emguard.models import load_model, load_tokenizer, model_identity, resolve_model
 
     resolved = None if dry_run else resolve_model(config.model)  # a bad model spec fails before any write
     run = RunDir(config.output_dir)
@@ -191,7 +192,10 @@ def evaluate(config: RunConfig, *, dry_run: bool = False, progress: bool = True)
         benign = opswap_accuracy(items, benign_answers)
 
     # 6. Probe (last: it may attach the control adapter).
-    probe = _probe(model, tokenizer, inputs, e.probe.batch_size, e.bootstrap) if inputs.pairs else {}
+    probe = {}
+    if inputs.pairs:
+        base_identity = model_identity(resolved, config.model_options) if e.probe.cache else None
+        probe = _probe(model, tokenizer, inputs, e.probe.batch_size, e.bootstrap, base_identity)
 
     # 7. Records.
     rows = _sample_rows(inputs.requests, answers, judgements)
@@ -349,25 +353,45 @@ def _judged_metrics(config: RunConfig, rows: list[dict[str, Any]]) -> dict[str, 
     return out
 
 
-def _probe(model: Any, tokenizer: Any, inputs: _Inputs, batch_size: int, n_boot: int) -> dict:
+def _probe(
+    model: Any, tokenizer: Any, inputs: _Inputs, batch_size: int, n_boot: int, base_identity: str | None
+) -> dict:
     """The probe report per pair set: evaluated vs base (adapter off) and vs the control adapter.
 
-    Each model state (evaluated, base, control) is set up once for all pair sets.
+    Each model state (evaluated, base, control) is set up once for all pair sets. With
+    ``base_identity``, losses are cached per state (the base model's are shared by every run of
+    that model, a control's by every run that uses it).
     """
     from peft import PeftModel
 
-    def gaps(m: Any) -> dict[str, Any]:
-        return {spec: pair_gaps(m, tokenizer, pairs, batch_size) for spec, pairs in inputs.pairs.items()}
+    from emguard.models import cache_root
+    from emguard.selection.nll_cache import NLLCache, state_key
 
-    evaluated = gaps(model)
+    def logprobs(m: Any, adapter: Path | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        cache = NLLCache(cache_root() / "nll", state_key(base_identity, adapter)) if base_identity else None
+        return {spec: pair_logprobs(m, tokenizer, pairs, batch_size, cache) for spec, pairs in inputs.pairs.items()}
+
+    evaluated = logprobs(model, inputs.adapter)
     if isinstance(model, PeftModel):
         with model.disable_adapter():
-            base = gaps(model)
+            base = logprobs(model, None)
     else:
         base = evaluated
-    control = _with_control(model, inputs.control, gaps) if inputs.control is not None else {}
+    control = {}
+    if inputs.control is not None:
+        control = _with_control(model, inputs.control, lambda m: logprobs(m, inputs.control))
+
+    def gap(lp: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        return lp[0] - lp[1]
+
     return {
-        spec: probe_report(evaluated[spec], base[spec], control.get(spec), n_boot=max(n_boot, 1))
+        spec: probe_report(
+            gap(evaluated[spec]),
+            gap(base[spec]),
+            gap(control[spec]) if spec in control else None,
+            n_boot=max(n_boot, 1),
+            aligned=(evaluated[spec][1], base[spec][1]),
+        )
         for spec in inputs.pairs
     }
 
