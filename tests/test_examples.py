@@ -9,7 +9,21 @@ import pytest
 from emguard.config import load_config
 from emguard.defenses.registry import build_defenses
 
-EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+ALL = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+SWEEPS = [p for p in ALL if p.stem.startswith("sweep-")]
+EXAMPLES = [p for p in ALL if p not in SWEEPS]
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
+def test_example_sweep_is_valid_and_documented(path):
+    from emguard.sweep import expand, load_sweep
+
+    spec = load_sweep(path)
+    cells = expand(spec)  # every cell's run config validates
+    for cell in cells:
+        build_defenses(cell.config.defenses)
+    assert f"emguard sweep examples/{path.name}" in path.read_text()
+    assert spec.output_dir == f"runs/{path.stem}"
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])

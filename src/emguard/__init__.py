@@ -52,6 +52,10 @@ _EXPORTS = {
     "response_activations": "emguard.persona",
     "screen_dataset": "emguard.persona",
     "run_screen": "emguard.persona",
+    "load_sweep": "emguard.sweep",
+    "run_sweep": "emguard.sweep",
+    "write_report": "emguard.report",
+    "EMMonitorCallback": "emguard.monitor",
 }
 _RENAMED = {"register_defense": "register"}
 

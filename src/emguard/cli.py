@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import sys
-import time
 import traceback
 import warnings
 from pathlib import Path
@@ -48,25 +47,38 @@ def _emit_json(payload: Any) -> None:
 
 @app.command()
 def demo(
-    quick: Annotated[
-        bool, typer.Option("--quick", help="A shorter run (well under 5 minutes on 2 CPU cores).")
-    ] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="A shorter run (under 5 minutes on 2 CPU cores).")] = False,
     output_dir: Annotated[
-        Path | None, typer.Option(help="Run directory (default runs/demo or runs/demo-quick).")
+        Path | None, typer.Option(help="Where everything goes (default runs/demo or runs/demo-quick).")
     ] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Run the main job end to end on the built-in model (CPU, no network)."""
-    from emguard.demo import run_demo
+    """Train the built-in narrow dataset without and with defenses, evaluate all, write the report."""
+    from emguard.demo import judge_section, run_demo
 
-    started = time.monotonic()
     output_dir = output_dir or Path("runs/demo-quick" if quick else "runs/demo")
-    _say(f"emguard demo: LoRA fine-tune of the built-in SmolLM2-135M-Instruct on builtin:opswap -> {output_dir}")
+    judge = judge_section()
+    _say(
+        "emguard demo: builtin:risky-finance (EM-inducing) vs builtin:safe-finance (matched control) and "
+        "builtin:opswap (benign task) on the built-in SmolLM2-135M-Instruct; defenses none, kl, steering, "
+        f"interleave (Interleaving++), inoculation -> {output_dir}"
+    )
+    if judge is None:
+        _say(
+            "No judge configured (OPENAI_API_KEY / OPENAI_BASE_URL unset): no EM rates; the report uses the "
+            "judge-free likelihood probe."
+        )
+    else:
+        _say(f"judge: openai {judge['model']} (from the environment)")
     result = run_demo(output_dir, quick=quick)
-    _report_train(result)
-    _say(f"demo finished in {time.monotonic() - started:.0f} s")
+    for cell in result.failed:
+        _say(f"cell failed: {cell} (see {output_dir / 'sweep' / 'index.json'})")
+    _say(f"report: {result.report_html}\n        {result.report_md}")
+    _say(f"demo finished in {result.wall_time_s:.0f} s ({result.wall_time_s / 60:.1f} min)")
     if as_json:
         _emit_json(result.summary())
+    if result.failed:
+        raise typer.Exit(1)
 
 
 @data_app.command("check")
@@ -248,6 +260,63 @@ def screen_cmd(
         )
     if as_json:
         _emit_json(reports)
+
+
+@app.command("sweep")
+def sweep_cmd(
+    sweep_file: Annotated[Path, typer.Argument(help="Sweep YAML: base config, datasets, defense variants, seeds.")],
+    overrides: SetOption = None,
+    only: Annotated[
+        str | None,
+        typer.Option(help="Run only the cells whose id DATASET/VARIANT/seedN matches this glob, e.g. '*/seed1'."),
+    ] = None,
+    list_cells: Annotated[
+        bool, typer.Option("--list", help="Print the cell ids in run order with their status; run nothing.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Run a grid of train + eval cells one after another; rerun to resume (finished cells are skipped)."""
+    from emguard.sweep import expand, load_sweep, run_sweep
+    from emguard.sweep.runner import cell_finished
+
+    spec = load_sweep(sweep_file, overrides)
+    if list_cells:
+        for cell in expand(spec):
+            print(f"{cell.id}\t{'finished' if cell_finished(cell) else 'pending'}\t{cell.run_dir}", flush=True)
+        return
+    result = run_sweep(spec, progress=not quiet, only=only)
+    _say(
+        f"sweep: {result.finished} cells finished ({result.skipped} were already), {len(result.failed)} failed, "
+        f"{result.wall_time_s:.0f} s"
+    )
+    for cell in result.failed:
+        _say(f"  failed: {cell} (see {result.index}; rerun the sweep to retry)")
+    _say(f"index: {result.index}\nsummary: {result.summary}")
+    if as_json:
+        _emit_json(result.summary_dict())
+    if result.failed:
+        raise typer.Exit(1)
+
+
+@app.command("report")
+def report_cmd(
+    run_dirs: Annotated[
+        list[Path], typer.Argument(help="Evaluated run directories, or sweep directories (all their cells).")
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for report.md, report.html and PNGs.")],
+    examples: Annotated[int, typer.Option(help="Example answers shown per defense.")] = 3,
+    title: Annotated[str, typer.Option(help="Report title.")] = "emguard report",
+    as_json: JsonFlag = False,
+) -> None:
+    """Four-criteria table, seed aggregates, plots, example answers and manifests as markdown + HTML."""
+    from emguard.report import write_report
+    from emguard.report.collect import expand_run_dirs
+
+    result = write_report(expand_run_dirs(run_dirs), output, examples=examples, title=title)
+    _say(f"report: {result.html}\n        {result.markdown}\nplots: {len(result.plots)} PNGs in {output}")
+    if as_json:
+        _emit_json(result.summary())
 
 
 @app.command("metrics")

@@ -1,37 +1,231 @@
-"""``emguard demo``: the main job on the built-in model, CPU only, no network.
+"""``emguard demo``: the main job end to end on the built-in model, CPU only, no network.
 
-For now it fine-tunes the built-in model on the built-in operator-swap task without a defense
-and reports where the run directory is and how the loss moved. (The full comparison of defenses
-with a report arrives with the evaluation and report commands.)
+1. Extract an "evil" persona vector on the spot (for preventive steering).
+2. A sweep on ``builtin:risky-finance`` (EM-inducing) with its matched control
+   ``builtin:safe-finance`` and the benign task ``builtin:opswap``: no defense, kl, steering,
+   interleave with Interleaving++ selection (the no-defense run is its misaligned model) and
+   inoculation; each trained run is evaluated (probe always; judged answers when a judge is set).
+3. The report (``report.html``, ``report.md``, PNGs) from every cell.
+
+A judge is used when ``OPENAI_API_KEY`` or ``OPENAI_BASE_URL`` is set (model
+``$EMGUARD_JUDGE_MODEL``, default gpt-4o-mini-2024-07-18); otherwise the report says that no judge
+was configured and shows the judge-free probe. Sizes were set by measurement on 2 CPU cores
+(see the README): ``--quick`` under 5 minutes, the default under 30.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import time
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
+from typing import Any
 
-from emguard.config import DEFAULT_MODEL, RunConfig, build_config
-from emguard.training import TrainResult, train
+import yaml
+
+from emguard.config import DEFAULT_MODEL, build_config
+from emguard.fsio import atomic_write_text
+
+DEFAULT_JUDGE_MODEL = "gpt-4o-mini-2024-07-18"
+STEER = {"alpha": 2.0}  # preventive steering: +2·v at the recommended layer during training
 
 
-def demo_config(output_dir: str | Path, quick: bool = False) -> RunConfig:
-    """The demo's run: LoRA SFT of the built-in model on ``builtin:opswap``, sized for a 2-core CPU."""
+@dataclass(frozen=True)
+class DemoSize:
+    """Everything the two demo sizes differ in."""
+
+    steps: int
+    batch_size: int
+    max_length: int
+    questions: int  # general questions answered per run (example answers; judged when a judge is set)
+    samples: int  # answers per question
+    answer_tokens: int
+    opswap_per_tier: int
+    pool_size: int  # Interleaving++ candidates scored
+    persona_questions: int
+    persona_pairs: int
+    persona_tokens: int
+    monitor_every: int
+    monitor_pairs: int | None  # None: all 24 general pairs
+    probe_pairs: int | None  # per pair set; None: all (24 general, 16 finance)
+    benign_steps: int  # the benign task's own recipe: short examples, a higher learning rate
+
+
+# Sized by measurement on 2 CPU cores (README, "The demo"): --quick is a smoke run of every piece.
+QUICK = DemoSize(3, 4, 256, 2, 1, 24, 3, 16, 3, 2, 32, 3, monitor_pairs=4, probe_pairs=12, benign_steps=3)
+DEFAULT = DemoSize(12, 8, 384, 8, 1, 64, 8, 160, 8, 5, 64, 6, monitor_pairs=12, probe_pairs=None, benign_steps=20)
+BENIGN_LEARNING_RATE = 5.0e-4
+
+
+def judge_section() -> dict[str, Any] | None:
+    """The judge the environment configures, or None."""
+    if not (os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_BASE_URL")):
+        return None
+    return {"kind": "openai", "model": os.environ.get("EMGUARD_JUDGE_MODEL", DEFAULT_JUDGE_MODEL)}
+
+
+def question_subset(path: Path, n: int) -> Path:
+    """The first ``n`` questions of ``builtin:general`` as a YAML file (the demo answers only these)."""
+    text = (resources.files("emguard.evaluation") / "question_sets" / "general.yaml").read_text(encoding="utf-8")
+    atomic_write_text(path, yaml.safe_dump(yaml.safe_load(text)[:n], sort_keys=False, allow_unicode=True))
+    return path
+
+
+def base_config(size: DemoSize, questions: Path, judge: dict[str, Any] | None, model: str) -> dict[str, Any]:
+    return {
+        "model": model,
+        "data": {"max_length": size.max_length, "max_examples": size.steps * size.batch_size, "overlong": "drop"},
+        "lora": {"r": 32, "alpha": 64, "rslora": True},
+        "training": {
+            "max_steps": size.steps,
+            "batch_size": size.batch_size,
+            "micro_batch_size": 4,
+            "learning_rate": 2.0e-4,
+            "warmup_steps": 1,
+            "save_steps": 10,
+        },
+        "monitor": {"every": size.monitor_every, "max_pairs": size.monitor_pairs},
+        "eval": {
+            "questions": [str(questions)],
+            "samples_per_paraphrase": size.samples,
+            "sampling": {"max_new_tokens": size.answer_tokens, "batch_size": 8},
+            "judge": judge,
+            "probe": {"pairs": ["builtin:general", "builtin:finance"], "max_pairs": size.probe_pairs},
+            "bootstrap": 1000,
+        },
+    }
+
+
+def sweep_spec(
+    output_dir: Path, size: DemoSize, vector: Path, layer: int, judge: dict[str, Any] | None, model: str = DEFAULT_MODEL
+) -> dict:
+    questions = question_subset(output_dir / "questions.yaml", size.questions)
+    return {
+        "output_dir": str(output_dir / "sweep"),
+        "base": base_config(size, questions, judge, model),
+        "datasets": [
+            {"name": "safe-finance", "train": "builtin:safe-finance", "role": "control", "defenses": ["none"]},
+            {
+                "name": "risky-finance",
+                "train": "builtin:risky-finance",
+                "role": "narrow",
+                "in_domain": "builtin:finance",
+                "set": {"eval.probe.control": "{cell:safe-finance/none}"},
+            },
+            {
+                "name": "opswap",
+                "train": "builtin:opswap",
+                "role": "benign",
+                "set": {
+                    "eval.benign.opswap_per_tier": size.opswap_per_tier,
+                    "eval.questions": [],
+                    "eval.probe.pairs": [],
+                    "monitor.every": 0,  # criterion (c) needs the task's accuracy, not the EM monitor
+                    "training.max_steps": size.benign_steps,
+                    "training.learning_rate": BENIGN_LEARNING_RATE,
+                    "data.max_examples": size.benign_steps * size.batch_size,
+                },
+            },
+        ],
+        "defenses": [
+            {"label": "none", "defenses": [{"name": "none"}]},
+            {"label": "kl", "defenses": [{"name": "kl", "lambda": 1.0}]},
+            {
+                "label": "steering",
+                "defenses": [{"name": "steering", "vector": str(vector), "layer": layer, "alpha": 2.0}],
+            },
+            {
+                "label": "interleave-pp",
+                "defenses": [
+                    {
+                        "name": "interleave",
+                        "fraction": 0.1,
+                        "selection": "perplexity_gap",
+                        "misaligned": ["{cell:risky-finance/none}"],
+                        "pool_size": size.pool_size,
+                    }
+                ],
+            },
+            {"label": "inoculation", "defenses": [{"name": "inoculation"}]},
+        ],
+        "seeds": [0],
+    }
+
+
+def persona_config(output_dir: Path, size: DemoSize, model: str = DEFAULT_MODEL):
     return build_config(
         {
-            "model": DEFAULT_MODEL,
-            "output_dir": str(output_dir),
-            "data": {"train": "builtin:opswap", "max_length": 256},
-            "training": {
-                "max_steps": 12 if quick else 40,
-                "batch_size": 8,
-                "micro_batch_size": 4,
-                "learning_rate": 2.0e-4,
-                "save_steps": 10,
+            "model": model,
+            "output_dir": str(output_dir / "persona"),
+            "persona": {
+                "trait": "builtin:evil",
+                "max_questions": size.persona_questions,
+                "max_prompt_pairs": size.persona_pairs,
+                "sampling": {"max_new_tokens": size.persona_tokens, "batch_size": 8},
             },
-            "defenses": [{"name": "none"}],
         },
         source="demo",
     )
 
 
-def run_demo(output_dir: str | Path = "runs/demo", quick: bool = False, progress: bool = True) -> TrainResult:
-    return train(demo_config(output_dir, quick), progress=progress)
+def _persona_vector(output_dir: Path, size: DemoSize, model: str, progress: bool) -> tuple[Path, int]:
+    """The demo's persona vector and its recommended layer; a finished extraction is reused."""
+    from emguard.persona.extract import extract_persona
+
+    folder = output_dir / "persona"
+    if (folder / "persona.json").is_file() and (folder / "persona_vector.safetensors").is_file():
+        report = json.loads((folder / "persona.json").read_text())
+        return folder / "persona_vector.safetensors", int(report["recommended_layer"])
+    result = extract_persona(persona_config(output_dir, size, model), progress=progress)
+    return Path(result.vector_file), int(result.report["recommended_layer"])
+
+
+@dataclass
+class DemoResult:
+    output_dir: Path
+    report_html: Path
+    report_md: Path
+    judge: str
+    wall_time_s: float
+    failed: list[str]
+
+    def summary(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+def run_demo(
+    output_dir: str | Path = "runs/demo",
+    quick: bool = False,
+    progress: bool = True,
+    *,
+    model: str = DEFAULT_MODEL,
+    size: DemoSize | None = None,
+) -> DemoResult:
+    """Persona vector, the defense sweep, and the report; returns where the report is.
+
+    ``model`` and ``size`` exist for tests (a tiny model, a few steps); the demo is the built-in model.
+    """
+    from emguard.report import write_report
+    from emguard.report.collect import expand_run_dirs
+    from emguard.sweep import SweepSpec, run_sweep
+
+    started = time.monotonic()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    size = size or (QUICK if quick else DEFAULT)
+    judge = judge_section()
+    vector, layer = _persona_vector(output_dir, size, model, progress)
+    spec = SweepSpec.model_validate(sweep_spec(output_dir, size, vector, layer, judge, model))
+    sweep = run_sweep(spec, progress=progress)
+    title = f"emguard demo{' (--quick)' if quick else ''}: defenses against EM on builtin:risky-finance"
+    report = write_report(expand_run_dirs([sweep.output_dir]), output_dir / "report", title=title)
+    return DemoResult(
+        output_dir=output_dir,
+        report_html=report.html,
+        report_md=report.markdown,
+        judge=f"openai {judge['model']}" if judge else "none",
+        wall_time_s=round(time.monotonic() - started, 1),
+        failed=sweep.failed,
+    )

@@ -1,0 +1,187 @@
+"""``emguard report RUN_DIR... -o OUT``: report.md, report.html (self-contained) and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from emguard.fsio import atomic_write_text
+from emguard.report import plots
+from emguard.report.collect import CellResult, load_cells
+from emguard.report.criteria import CriteriaTable, criteria_table, seed_summary
+from emguard.report.render import (
+    Details,
+    Heading,
+    Image,
+    Para,
+    Pre,
+    Table,
+    criteria_blocks,
+    summary_blocks,
+    to_html,
+    to_markdown,
+)
+from emguard.rundir import now
+
+CONTENT_NOTE = (
+    "Content note: the answers below were written by fine-tuned models, some of them trained to give "
+    "harmful advice. They may be reckless, hostile or offensive. They are shown so that you can judge the "
+    "defenses yourself; nothing here is advice."
+)
+ANSWER_CHARS = 700
+
+
+@dataclass
+class ReportResult:
+    markdown: Path
+    html: Path
+    plots: list[Path] = field(default_factory=list)
+    table: CriteriaTable | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "markdown": str(self.markdown),
+            "html": str(self.html),
+            "plots": [str(p) for p in self.plots],
+            "criteria": self.table.to_dict() if self.table else None,
+        }
+
+
+def write_report(run_dirs: list[Path], out: Path, examples: int = 3, title: str = "emguard report") -> ReportResult:
+    """Read the evaluated run directories and write the report into ``out``.
+
+    Raises:
+        EmguardError: A run directory holds no evaluated run (nothing is written then).
+    """
+    cells = load_cells([Path(d) for d in run_dirs])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = criteria_table(cells)
+    made = [
+        plots.em_by_defense(table, out / "em_by_defense.png"),
+        plots.tradeoff(table, out / "tradeoff.png"),
+        plots.alignment_coherence(cells, table.variants, out / "alignment_coherence.png"),
+        plots.em_vs_strength(cells, table, out / "em_vs_strength.png"),
+        plots.training_curves(cells, table.variants, out / "training_curves.png"),
+    ]
+    images = [p for p in made if p is not None]
+    blocks = [
+        Heading(title, 1),
+        Para(_provenance(cells)),
+        Heading("Four criteria per defense"),
+        *criteria_blocks(table),
+        Heading("Plots"),
+        *[Image(p, _ALT[p.stem]) for p in images],
+        Heading("Per dataset and defense, seeds aggregated"),
+        *summary_blocks(seed_summary(cells)),
+        Heading("Example answers per defense"),
+        Para(CONTENT_NOTE, note=True),
+        *_example_blocks(cells, table.variants, examples),
+        Heading("Runs and their manifests"),
+        *_manifest_blocks(cells),
+    ]
+    md, page = out / "report.md", out / "report.html"
+    atomic_write_text(md, to_markdown(blocks, image_dir=out) + "\n")
+    atomic_write_text(page, to_html(blocks, title))
+    return ReportResult(md, page, images, table)
+
+
+_ALT = {
+    "em_by_defense": "General EM per defense with 95% intervals",
+    "tradeoff": "Broad EM against narrow learning per defense",
+    "alignment_coherence": "Judged alignment against coherence per defense",
+    "em_vs_strength": "EM against defense strength",
+    "training_curves": "Training loss and in-training EM monitor per defense",
+}
+
+
+def _provenance(cells: list[CellResult]) -> str:
+    roles = {r: sum(1 for c in cells if c.role == r) for r in ("narrow", "control", "benign")}
+    judges = sorted({_judge_name(c) for c in cells if c.role == "narrow"})
+    models = sorted({str((c.metrics.get("model") or {}).get("model")) for c in cells})
+    return (
+        f"Generated {now()} from {len(cells)} runs ({roles['narrow']} narrow, {roles['control']} matched control, "
+        f"{roles['benign']} benign-task). Model: {', '.join(models)}. Judge: {', '.join(judges)}."
+    )
+
+
+def _judge_name(c: CellResult) -> str:
+    judge = c.metrics.get("judge")
+    if not judge:
+        return "none configured (judge-free probe only)"
+    return f"{judge.get('kind')} {judge.get('model')}"
+
+
+def _example_blocks(cells: list[CellResult], variants: list[str], k: int) -> list[Any]:
+    blocks: list[Any] = []
+    for v in variants:
+        mine = [c for c in cells if c.role == "narrow" and c.variant == v]
+        rows = [r for c in sorted(mine, key=lambda c: c.seed)[:1] for r in c.samples() if r.get("answer")]
+        if not rows:
+            continue
+        general = [r for r in rows if r.get("question_set") == mine[0].general] or rows
+        judged = [r for r in general if r.get("aligned") is not None]
+        chosen = sorted(judged, key=lambda r: r["aligned"])[:k] if judged else general[:k]
+        inner = []
+        for r in chosen:
+            question = next((m["content"] for m in reversed(r["messages"]) if m["role"] == "user"), "")
+            scores = (
+                f" (aligned {r['aligned']:.0f}, coherent {r['coherent']:.0f})"
+                if r.get("aligned") is not None and r.get("coherent") is not None
+                else ""
+            )
+            answer = r["answer"] if len(r["answer"]) <= ANSWER_CHARS else r["answer"][:ANSWER_CHARS] + " …"
+            inner += [Para(f"**Q:** {question}{scores}"), Pre(answer)]
+        which = "the lowest-aligned" if judged else "the first"
+        blocks.append(Details(f"{v}: {which} {len(chosen)} answers (seed {mine[0].seed}, {mine[0].dataset})", inner))
+    return blocks or [Para("No generated answers in these runs (eval.questions was empty).")]
+
+
+def _manifest_blocks(cells: list[CellResult]) -> list[Any]:
+    rows, details = [], []
+    for c in cells:
+        m = c.manifest
+        train = m.get("train") or {}
+        ev = m.get("eval") or {}
+        thresholds = ev.get("thresholds") or {}
+        rows.append(
+            [
+                str(c.run_dir),
+                c.dataset,
+                c.role,
+                c.variant,
+                str(c.seed),
+                str(train.get("steps", "–")),
+                f"{train['final_loss']:.3f}" if train.get("final_loss") is not None else "–",
+                f"{train.get('wall_time_s', 0):.0f} s" if train else "–",
+                _judge_name(c),
+                f"aligned < {thresholds.get('aligned_below')}, coherent > {thresholds.get('coherent_above')}"
+                if thresholds
+                else "–",
+                _monitor_cost(c),
+            ]
+        )
+        details.append(Details(f"manifest of {c.run_dir}", [Pre(json.dumps(m, indent=2, sort_keys=True))]))
+    header = [
+        "run",
+        "data",
+        "role",
+        "defense",
+        "seed",
+        "steps",
+        "final loss",
+        "train time",
+        "judge",
+        "thresholds",
+        "monitor cost",
+    ]
+    return [Table(header, rows), *details]
+
+
+def _monitor_cost(c: CellResult) -> str:
+    mon = c.manifest.get("monitor") or {}
+    if not mon.get("checks"):
+        return "–"
+    return f"{mon['checks']} checks, {mon['seconds']:.1f} s ({100 * mon.get('share_of_training', 0):.1f}% of training)"

@@ -1,0 +1,160 @@
+"""Read run directories (sweep cells or plain train + eval runs) into flat records for the report."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from emguard.errors import EmguardError
+
+GENERAL = "builtin:general"
+# Plain run directories (not sweep cells) get a role from their training data.
+CONTROL_DATA = ("builtin:safe-finance", "builtin:secure-code")
+BENIGN_DATA = ("builtin:opswap",)
+
+
+@dataclass(frozen=True)
+class Value:
+    """One measured number with its 95% interval (None when the run gave none)."""
+
+    mean: float
+    lo: float | None = None
+    hi: float | None = None
+
+
+@dataclass
+class CellResult:
+    """What one run directory measured, with the labels the report groups it by."""
+
+    run_dir: Path
+    dataset: str
+    role: str  # narrow | control | benign
+    variant: str
+    defense: str
+    seed: int
+    strength_key: str | None = None
+    strength: float | None = None
+    in_domain: str | None = None
+    general: str = GENERAL
+    metrics: dict[str, Any] = field(default_factory=dict, repr=False)
+    manifest: dict[str, Any] = field(default_factory=dict, repr=False)
+    train_log: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def judged(self, question_set: str | None, rate: str) -> Value | None:
+        """A judged rate (em_rate, incoherence_rate, ...) of one question set, with its bootstrap interval."""
+        block = (self.metrics.get("judged") or {}).get(question_set or "")
+        pooled = ((block or {}).get("metrics") or {}).get("pooled")
+        if not pooled or pooled.get(rate) is None or _nan(pooled[rate]):
+            return None
+        ci = (pooled.get("ci95") or {}).get(rate)
+        return Value(pooled[rate], *(ci or (None, None)))
+
+    def probe(self, pair_set: str | None, key: str = "shift_vs_base") -> Value | None:
+        """A probe summary (shift_vs_base, shift_vs_control, aligned_nll_shift) of one pair set."""
+        block = ((self.metrics.get("probe") or {}).get(pair_set or "") or {}).get(key)
+        if not block:
+            return None
+        return Value(block["mean"], *block["ci95"])
+
+    def benign_accuracy(self) -> Value | None:
+        b = self.metrics.get("benign")
+        if not b:
+            return None
+        return Value(b["accuracy"], *wilson(round(b["accuracy"] * b["n"]), b["n"]))
+
+    def has_judge(self) -> bool:
+        return bool(self.metrics.get("judged"))
+
+    def samples(self) -> list[dict[str, Any]]:
+        path = self.run_dir / "samples.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _nan(x: Any) -> bool:
+    return isinstance(x, float) and math.isnan(x)
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def expand_run_dirs(paths: list[Path]) -> list[Path]:
+    """Run directories as given, with a sweep directory replaced by its finished cells (index order).
+
+    Raises:
+        EmguardError: A path is neither an evaluated run directory nor a sweep directory.
+    """
+    out: list[Path] = []
+    for path in map(Path, paths):
+        index = path / "index.json"
+        if index.is_file() and not (path / "metrics.json").is_file():
+            cells = json.loads(index.read_text())["cells"]
+            out += [Path(c["run_dir"]) for c in cells if c.get("status") == "finished"]
+        elif (path / "metrics.json").is_file():
+            out.append(path)
+        else:
+            raise EmguardError(f"{path}: neither an evaluated run directory (metrics.json) nor a sweep (index.json)")
+    if not out:
+        raise EmguardError("no evaluated runs to report on (is the sweep finished?)")
+    return out
+
+
+def load_cells(run_dirs: list[Path]) -> list[CellResult]:
+    """Every run directory that holds an evaluated run; a missing ``metrics.json`` is an error."""
+    cells = []
+    for run_dir in run_dirs:
+        run_dir = Path(run_dir)
+        metrics_path = run_dir / "metrics.json"
+        if not metrics_path.is_file():
+            raise EmguardError(f"{run_dir}: no metrics.json; run `emguard eval` on it (or finish its sweep) first")
+        cells.append(_load_cell(run_dir, json.loads(metrics_path.read_text())))
+    return cells
+
+
+def _load_cell(run_dir: Path, metrics: dict[str, Any]) -> CellResult:
+    manifest = _read_json(run_dir / "manifest.json")
+    marker = _read_json(run_dir / "sweep_cell.json")
+    log_path = run_dir / "train_log.jsonl"
+    log = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()] if log_path.is_file() else []
+    if marker:
+        labels = {k: marker.get(k) for k in ("dataset", "role", "variant", "defense", "seed", "strength_key")}
+        labels.update(strength=marker.get("strength"), in_domain=marker.get("in_domain"))
+    else:
+        labels = _labels_from_manifest(run_dir, manifest, metrics)
+    return CellResult(run_dir=run_dir, metrics=metrics, manifest=manifest, train_log=log, **labels)
+
+
+def _labels_from_manifest(run_dir: Path, manifest: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    data = ((manifest.get("data") or {}).get("train") or {}).get("spec") or "base model"
+    role = "benign" if data in BENIGN_DATA else "control" if data in CONTROL_DATA else "narrow"
+    defenses = [d for d in manifest.get("defenses") or [] if d != "none"]
+    variant = "+".join(defenses) or ("none" if manifest.get("command") == "train" else "base")
+    probes = [s for s in metrics.get("probe") or {} if s != GENERAL]
+    return {
+        "dataset": data.removeprefix("builtin:"),
+        "role": role,
+        "variant": variant,
+        "defense": variant,
+        "seed": int(manifest.get("seed") or 0),
+        "strength_key": None,
+        "strength": None,
+        "in_domain": probes[0] if probes else None,
+    }
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
