@@ -54,8 +54,40 @@ class DemoSize:
 
 
 # Sized by measurement on 2 CPU cores (README, "The demo"): --quick is a smoke run of every piece.
-QUICK = DemoSize(3, 4, 256, 2, 1, 24, 3, 16, 3, 2, 32, 3, monitor_pairs=4, probe_pairs=12, benign_steps=3)
-DEFAULT = DemoSize(12, 8, 384, 8, 1, 64, 8, 160, 8, 5, 64, 6, monitor_pairs=12, probe_pairs=None, benign_steps=20)
+QUICK = DemoSize(
+    steps=3,
+    batch_size=4,
+    max_length=256,
+    questions=2,
+    samples=1,
+    answer_tokens=24,
+    opswap_per_tier=3,
+    pool_size=16,
+    persona_questions=3,
+    persona_pairs=2,
+    persona_tokens=32,
+    monitor_every=3,
+    monitor_pairs=4,
+    probe_pairs=12,
+    benign_steps=3,
+)
+DEFAULT = DemoSize(
+    steps=12,
+    batch_size=8,
+    max_length=384,
+    questions=8,
+    samples=1,
+    answer_tokens=64,
+    opswap_per_tier=8,
+    pool_size=160,
+    persona_questions=8,
+    persona_pairs=5,
+    persona_tokens=64,
+    monitor_every=6,
+    monitor_pairs=12,
+    probe_pairs=None,
+    benign_steps=20,
+)
 BENIGN_LEARNING_RATE = 5.0e-4
 
 
