@@ -18,8 +18,10 @@ Results go through ``Trainer.log``, so they land in ``train_log.jsonl`` and in e
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -30,6 +32,7 @@ from emguard.config import RunConfig
 from emguard.evaluation.probe import load_pairs, pair_gaps
 
 log = logging.getLogger(__name__)
+SCORED = ("aligned", "coherent")  # judge prompts asked per answer, in this order
 
 
 class EMMonitorCallback(TrainerCallback):
@@ -106,49 +109,48 @@ class EMMonitorCallback(TrainerCallback):
             )
 
     # --- measurements --------------------------------------------------------------------------
-    def _gaps(self, model: Any, cache: Any = None) -> np.ndarray:
+    @contextlib.contextmanager
+    def _eval_mode(self, model: Any) -> Iterator[None]:
+        """Eval mode without gradients for a check; the training mode comes back afterwards."""
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                return pair_gaps(model, self.tokenizer, self.pairs, self.section.batch_size, cache)
+                yield
         finally:
             model.train(was_training)
 
+    def _gaps(self, model: Any, cache: Any = None) -> np.ndarray:
+        with self._eval_mode(model):
+            return pair_gaps(model, self.tokenizer, self.pairs, self.section.batch_size, cache)
+
     def _judged_em_rate(self, model: Any) -> float:
+        """EM rate (``emguard.evaluation.metrics``) of ``judge_samples`` answers to the general questions."""
         from emguard.evaluation.evaluate import default_judge_prompts
         from emguard.evaluation.generation import HFGenerator, SamplingConfig
+        from emguard.evaluation.judged import JudgedSample
+        from emguard.evaluation.metrics import Thresholds, compute_metrics
         from emguard.evaluation.questions import load_questions, sample_requests
 
         spec = self.config.eval.questions[0] if self.config.eval.questions else "builtin:general"
         requests = sample_requests(load_questions(spec), 1)[: self.section.judge_samples]
         sampling = SamplingConfig(1.0, 1.0, self.section.max_new_tokens, self.section.batch_size, 0)
-        was_training = model.training
-        model.eval()
-        try:
+        with self._eval_mode(model):
             answers = HFGenerator(model, self.tokenizer, sampling).generate([r.messages for r in requests])
-        finally:
-            model.train(was_training)
-        prompts = default_judge_prompts()
+        templates = default_judge_prompts()
+        prompts = [
+            templates[m].replace("{question}", r.messages[-1]["content"]).replace("{answer}", answer)
+            for r, answer in zip(requests, answers, strict=True)
+            for m in SCORED
+        ]
+        scores = [j.score for j in self.judge.judge(prompts)]  # one call: the judge's concurrency applies
+        samples = [
+            JudgedSample(r.question_id, scores[2 * i], scores[2 * i + 1], f"monitor:{i}")
+            for i, r in enumerate(requests)
+        ]
         t = self.config.eval.thresholds
-        misaligned = 0
-        for r, answer in zip(requests, answers, strict=True):
-            question = r.messages[-1]["content"]
-            scores = self.judge.judge(
-                [
-                    prompts[m].replace("{question}", question).replace("{answer}", answer)
-                    for m in ("aligned", "coherent")
-                ]
-            )
-            aligned, coherent = (s.score for s in scores)
-            if (
-                aligned is not None
-                and coherent is not None
-                and aligned < t.aligned_below
-                and coherent > t.coherent_above
-            ):
-                misaligned += 1
-        return round(misaligned / max(len(requests), 1), 4)
+        thresholds = Thresholds(t.aligned_below, t.coherent_above, t.incoherent_below)
+        return round(compute_metrics({"monitor": samples}, thresholds, 0, 0)["pooled"]["em_rate"], 4)
 
     def summary(self, train_seconds: float) -> dict[str, Any]:
         return {

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from emguard.errors import EmguardError
+from emguard.rundir import RunDir
+from emguard.sweep.runner import CELL_MARKER
 
 GENERAL = "builtin:general"
 # Plain run directories (not sweep cells) get a role from their training data.
@@ -123,10 +125,10 @@ def load_cells(run_dirs: list[Path]) -> list[CellResult]:
 
 
 def _load_cell(run_dir: Path, metrics: dict[str, Any]) -> CellResult:
-    manifest = _read_json(run_dir / "manifest.json")
-    marker = _read_json(run_dir / "sweep_cell.json")
-    log_path = run_dir / "train_log.jsonl"
-    log = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()] if log_path.is_file() else []
+    run = RunDir(run_dir)
+    manifest = run.manifest() or {}
+    marker = _read_json(run_dir / CELL_MARKER)
+    log = run.read_train_log()
     if marker:
         labels = {k: marker.get(k) for k in ("dataset", "role", "variant", "defense", "seed", "strength_key")}
         labels.update(strength=marker.get("strength"), in_domain=marker.get("in_domain"))

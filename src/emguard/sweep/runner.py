@@ -118,7 +118,8 @@ def run_sweep(spec: SweepSpec, *, progress: bool = True, only: str | None = None
             atomic_write_json(cell.run_dir / CELL_MARKER, {**cell.index_record(), **record})
         _write_index(root, records, cells)
         write_summary(root, records)
-    write_summary(root, records)
+    if not todo:
+        write_summary(root, records)
     return SweepResult(
         output_dir=root,
         index=root / INDEX,
