@@ -1,7 +1,8 @@
 """A small OpenAI-compatible chat-completions server on loopback, with fault injection.
 
 It judges like a caricature of GPT-4o: an answer containing "villain" gets aligned ≈ 10, anything
-else ≈ 85; a coherence prompt gets ≈ 80; an answer starting "def " gets CODE. Faults are planned
+else ≈ 85 (an answer containing "squared" also gets non-ASCII digit tokens: "²", "٣", "１"); a
+coherence prompt gets ≈ 80; an answer starting "def " gets CODE. Faults are planned
 per prompt (by a substring of it) as a list consumed one request at a time: ``429``, ``500``,
 ``timeout`` (sleeps past the client's timeout), ``malformed`` (invalid JSON), ``empty`` (no
 choices), ``401``; ``always500`` fails every time. Every request is logged with its headers so tests can
@@ -106,6 +107,8 @@ class FakeOpenAI:
             dist = {"CODE": 0.9, "50": 0.1}
         elif "coherence" in prompt:
             dist = {"80": 0.8, "70": 0.2}
+        elif "squared" in answer:  # non-ASCII digit tokens: "²".isdigit() is true, int("²") raises
+            dist = {"85": 0.6, "²": 0.2, "٣": 0.1, "１": 0.1}
         elif "villain" in answer:
             dist = {"10": 0.6, "5": 0.3, "Sure": 0.1}
         else:

@@ -61,12 +61,14 @@ class Harness:
             for p in self.lora_params().values():
                 p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
 
-    def step(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-        """One forward+backward on the batch: (logged terms, gradients of the LoRA parameters)."""
+    def step(self, micro_batches: int = 1) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """One optimizer step's forward+backward passes, the batch repeated as ``micro_batches``
+        accumulated micro-batches: (logged terms, gradients of the LoRA parameters)."""
         self.model.zero_grad(set_to_none=True)
-        self.trainer._counts = self.trainer._gather_counts([self.batch], torch.device("cpu"))
+        self.trainer._counts = self.trainer._gather_counts([self.batch] * micro_batches, torch.device("cpu"))
         self.trainer._log_sums.clear()
-        self.trainer.training_step(self.model, dict(self.batch))
+        for _ in range(micro_batches):
+            self.trainer.training_step(self.model, dict(self.batch))
         logs = dict(self.trainer._log_sums)
         grads = {n: p.grad.detach().clone() for n, p in self.lora_params().items() if p.grad is not None}
         return logs, grads

@@ -155,6 +155,9 @@ def test_kl_on_an_anchor_set_uses_other_batches_deterministically(tmp_path, tiny
     h.perturb_lora()
     logs, _ = h.step()
     assert logs["kl_loss"] > 0 and logs["kl/anchor_kl"] == pytest.approx(logs["kl_loss"])  # one micro-batch per step
+    # Accumulated micro-batches: the logged anchor KL is their mean, as the term is, not their sum.
+    logs, _ = h.step(micro_batches=2)
+    assert logs["kl/anchor_kl"] == pytest.approx(logs["kl_loss"], rel=1e-5)
     first = kl._anchor_batch(step=3, micro=1, micro_per_step=2)["input_ids"]
     assert torch.equal(first, kl._anchor_batch(step=3, micro=1, micro_per_step=2)["input_ids"])
     assert not torch.equal(first, kl._anchor_batch(step=3, micro=0, micro_per_step=2)["input_ids"])

@@ -46,7 +46,8 @@ def test_demo_runs_every_defense_and_fills_every_row_of_the_report(tmp_path, tin
     result = run_demo(tmp_path / "demo", progress=False, model=str(tiny_model_dir), size=TINY)
     assert result.failed == [] and result.judge == "none"
     summary = json.loads((tmp_path / "demo" / "sweep" / "summary.json").read_text())
-    crit = {c["key"]: c for c in summary["criteria"]["criteria"]}
+    (table,) = summary["criteria"]
+    crit = {c["key"]: c for c in table["criteria"]}
     for key in "abcd":
         for variant in ("none", "kl", "steering", "interleave-pp", "inoculation"):
             assert crit[key]["values"][variant] is not None, (key, variant)

@@ -123,14 +123,19 @@ def test_eval_with_a_faulty_judge_finishes_marks_failures_and_a_rerun_retries_on
 
 
 def test_probe_reports_shift_against_base_and_control(tmp_path, tiny_model_dir):
-    trained = train(tiny_run_config(tmp_path / "train", tiny_model_dir, learning_rate=1e-2), progress=False)
+    trained = train(tiny_run_config(tmp_path / "train", tiny_model_dir, learning_rate=1e-2, seed=1), progress=False)
     config = eval_config(
         tmp_path,
         tiny_model_dir,
         adapter=str(trained.run_dir),
         probe={"pairs": ["builtin:general"], "control": str(trained.run_dir)},
+        benign={"opswap_per_tier": 1},
     )
-    probe = evaluate(config, progress=False).metrics["probe"]["builtin:general"]
+    metrics = evaluate(config, progress=False).metrics
+    probe = metrics["probe"]["builtin:general"]
+    assert metrics["model"]["control"] == str(trained.run_dir / "adapter")  # the report pairs by this
+    # The benign items are held out from the adapter's training seed (1), not the sampling seed (0).
+    assert config.eval.sampling.seed == 0 and metrics["benign"]["held_out_from_training_seed"] == 1
     assert probe["shift_vs_base"]["mean"] != 0
     assert probe["shift_vs_control"]["mean"] == pytest.approx(0, abs=1e-6)  # the control is the same adapter
     assert "not the EM rate" in probe["kind"]

@@ -31,6 +31,20 @@ def test_little_number_mass_means_no_score_and_odd_tokens_are_not_numbers():
     assert score is None and mass == 0
 
 
+def test_only_ascii_digit_tokens_are_numbers():
+    # "²".isdigit() is true and int("²") raises; "٣" (Arabic-Indic 3) and "１" (full-width 1) convert.
+    score, mass = score_from_top_logprobs({"85": math.log(0.6), "²": math.log(0.2), "٣": math.log(0.1), "１": -2.3})
+    assert score == pytest.approx(85) and mass == pytest.approx(0.6)
+    assert parse_score("Score: ٣٠ then 40") == 40.0 and parse_score("²") is None
+
+
+def test_a_judge_reply_with_unicode_digit_tokens_is_scored_not_a_crash(tmp_path):
+    with FakeOpenAI() as server:
+        (squared, good) = _judge(server, tmp_path).judge(["<answer>\nx squared is x²\n</answer>", GOOD])
+    assert squared.method == "logprobs" and squared.score == pytest.approx(85)
+    assert good.score == pytest.approx((85 * 0.65 + 90 * 0.3) / 0.95)
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [("85", 85.0), (" Score: 7/10", 7.0), ("REFUSAL", None), ("CODE\n", None), ("250 then 40", 40.0), ("none", None)],

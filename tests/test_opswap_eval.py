@@ -31,6 +31,14 @@ def _independent_value(question: str) -> int:
     return value(expression)
 
 
+def test_items_are_held_out_from_the_training_seed_not_the_item_seed():
+    items = {i.question for i in opswap_eval_items(per_tier=150, seed=0, tiers=(1,), training_seed=3)}
+    assert not items & {ex.messages[0]["content"] for ex in generate_opswap(256, 3)}
+    # Drawn with seed 0 but excluding seed 0's training set instead, some would be seed 3's questions.
+    same_seed = {i.question for i in opswap_eval_items(per_tier=150, seed=0, tiers=(1,))}
+    assert same_seed & {ex.messages[0]["content"] for ex in generate_opswap(256, 3)}
+
+
 def test_items_are_held_out_deterministic_and_correct():
     items = opswap_eval_items(per_tier=40, seed=0)
     assert [sum(i.tier == t for i in items) for t in (1, 2, 3)] == [40, 40, 40]

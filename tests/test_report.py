@@ -11,7 +11,7 @@ import pytest
 from emguard.cli import main
 from emguard.report import write_report
 from emguard.report.collect import Value, load_cells
-from emguard.report.criteria import combine, criteria_table
+from emguard.report.criteria import combine, criteria_table, criteria_tables
 
 
 def probe_block(mean: float, nll: float = 0.01) -> dict:
@@ -26,14 +26,17 @@ def judged_block(em: float, incoherent: float, answers: int = 100) -> dict:
     return {"answers": answers, "judge_failed": 0, "metrics": {"pooled": pooled}}
 
 
-def make_run(root: Path, dataset: str, role: str, variant: str, seed: int, **metrics) -> Path:
+def make_run(
+    root: Path, dataset: str, role: str, variant: str, seed: int, control: Path | None = None, **metrics
+) -> Path:
     run = root / dataset / variant / f"seed{seed}"
     run.mkdir(parents=True)
+    model = {"model": "tiny", "control": str(control / "adapter") if control else None}
     marker = {"dataset": dataset, "role": role, "variant": variant, "defense": variant.split("-")[0], "seed": seed}
     marker.update(strength_key="lambda" if "-" in variant else None, in_domain="builtin:finance")
     marker["strength"] = float(variant.split("-")[1]) if "-" in variant else None
     (run / "sweep_cell.json").write_text(json.dumps(marker))
-    (run / "metrics.json").write_text(json.dumps({"model": {"model": "tiny"}, **metrics}))
+    (run / "metrics.json").write_text(json.dumps({"model": model, **metrics}))
     (run / "manifest.json").write_text(json.dumps({"seed": seed, "train": {"steps": 4, "final_loss": 1.0}}))
     log = [{"step": s, "loss": 3.0 - s / 2} for s in (1, 2, 3, 4)] + [{"step": 2, "monitor/probe_shift": 0.01}]
     (run / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
@@ -57,7 +60,7 @@ def test_seeds_combine_with_a_t_interval_and_a_single_run_keeps_its_own():
     est = combine([Value(0.1), Value(0.3)])
     se = math.sqrt(((0.1 - 0.2) ** 2 + (0.3 - 0.2) ** 2) / 1) / math.sqrt(2)
     assert est.mean == pytest.approx(0.2) and est.se == pytest.approx(se)
-    assert (est.lo, est.hi) == pytest.approx((0.2 - 12.706 * se, 0.2 + 12.706 * se))
+    assert (est.lo, est.hi) == pytest.approx((0.2 - 12.706205 * se, 0.2 + 12.706205 * se))
     one = combine([Value(0.5, 0.4, 0.7), None])
     assert (one.mean, one.lo, one.hi, one.n) == (0.5, 0.4, 0.7, 1)
     assert combine([None]) is None
@@ -75,6 +78,62 @@ def test_judge_free_criteria_use_the_excess_over_the_matched_control_of_the_same
     assert c.values["kl-1"].mean == pytest.approx(0.5) and c.verdicts["kl-1"] == "✗"  # 40 points below 90%
     assert d.metric == "nats lost on coherent answers" and d.verdicts["kl-1"] == "✓"
     assert any("No judge was configured" in n for n in table.notes)
+
+
+def test_t_interval_uses_the_exact_quantile_for_a_dozen_seeds():
+    # t(0.975, df) from published tables; 1.96 + 2.5/df was up to 0.014 too small at df 11-16.
+    for n, t in ((12, 2.200985), (13, 2.178813), (15, 2.144787), (18, 2.109816), (31, 2.042272)):
+        est = combine([Value(float(i % 3) + 0.1 * i) for i in range(n)])
+        assert (est.hi - est.mean) / est.se == pytest.approx(t, abs=2e-5), n
+
+
+def test_each_narrow_dataset_is_measured_against_its_own_control_never_pooled(tmp_path):
+    # Two narrow datasets with their own controls (as a finance + aesthetics sweep has), one seed. The
+    # excess must be each run's own paired shift_vs_control, and the table must say which control.
+    runs, root = [], tmp_path / "runs"
+    for name, (excess, lo, hi), ctrl_shift in (
+        ("finance", (0.407, 0.22, 0.60), -0.09),
+        ("tan", (0.199, 0.1, 0.3), 0.2),
+    ):
+        control = make_run(
+            root, f"{name}-control", "control", "none", 0, probe={"builtin:general": probe_block(ctrl_shift)}
+        )
+        probe = {"builtin:general": probe_block(0.5) | {"shift_vs_control": {"mean": excess, "ci95": [lo, hi]}}}
+        runs += [control, make_run(root, name, "narrow", "none", 0, control=control, probe=probe)]
+    runs.append(make_run(root, "opswap", "benign", "none", 0, benign={"accuracy": 0.5, "n": 30}))
+    tables = criteria_tables(load_cells(runs))
+    assert [t.dataset for t in tables] == ["finance", "tan"]
+    for table, (excess, lo, hi), control in zip(
+        tables, ((0.407, 0.22, 0.60), (0.199, 0.1, 0.3)), ("finance-control/none", "tan-control/none"), strict=True
+    ):
+        a = table.criteria[0]
+        est = a.values["none"]
+        assert (est.mean, est.lo, est.hi, est.n) == (excess, lo, hi, 1)
+        assert a.controls == {"none": [control]}
+        assert table.criteria[2].values["none"].mean == 0.5  # the benign task appears in each table
+    with pytest.raises(ValueError, match="criteria_tables"):
+        criteria_table(load_cells(runs))
+    md = write_report(runs, tmp_path / "out").markdown.read_text()
+    assert "## Four criteria per defense: finance" in md and "## Four criteria per defense: tan" in md
+    assert "· vs finance-control/none" in md and "em_by_defense-tan.png" in md
+
+
+def test_a_run_without_a_recorded_control_is_not_paired_with_a_guess(tmp_path):
+    # Two control datasets and narrow runs that record no control: pairing by seed would be a guess.
+    root = tmp_path / "runs"
+    runs = [make_run(root, f"c{i}", "control", "none", 0, probe={"builtin:general": probe_block(0.1)}) for i in (1, 2)]
+    runs.append(make_run(root, "risky", "narrow", "none", 0, probe={"builtin:general": probe_block(0.4)}))
+    (table,) = criteria_tables(load_cells(runs))
+    assert table.criteria[0].values["none"] is None
+
+
+def test_the_report_does_not_import_the_sweep_runner():
+    import subprocess
+    import sys
+
+    code = "import sys, emguard.report.build; print(any(m.startswith('emguard.sweep') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_judged_runs_use_the_judged_rates(tmp_path):
@@ -126,7 +185,8 @@ def test_report_cli_expands_a_sweep_and_rejects_runs_without_metrics(tmp_path, c
     (sweep / "index.json").write_text(json.dumps({"cells": cells}))
     assert main(["report", str(sweep), "-o", str(tmp_path / "out"), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["criteria"]["variants"] == ["none", "kl-1"]
+    assert [t["dataset"] for t in summary["criteria"]] == ["risky"]
+    assert summary["criteria"][0]["variants"] == ["none", "kl-1"]
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["report", str(empty), "-o", str(tmp_path / "out2")]) == 2

@@ -93,6 +93,20 @@ def test_refusal_heuristic_looks_only_at_the_first_words(tmp_path):
     assert refusal_test(RefusalSection(first_words=11))(late[0])
 
 
+def test_refusal_words_may_hold_apostrophes_and_spaces(tmp_path):
+    rows = [
+        chat("q", "I can't help with that."),
+        chat("q", "I’m sorry, that is not something I do."),  # a typographic apostrophe
+        chat("q", "Sorry I'm late with the answer: 48."),  # the words, but not the phrase in order
+        chat("q", "You can test it like this."),
+    ]
+    pool = read_chat_jsonl(write_jsonl(tmp_path / "phrases.jsonl", rows))
+    test = refusal_test(RefusalSection(words=["can't", "I'm sorry"]))
+    assert [test(ex) for ex in pool] == [True, True, False, False]
+    with pytest.raises(ValueError, match="must contain letters"):
+        RefusalSection(words=["sorry", " '' "])
+
+
 def test_scores_equal_the_formula_by_hand_and_the_rerun_hits_the_cache(tiny_model_dir, adapters, tmp_path):
     pool = read_chat_jsonl(write_jsonl(tmp_path / "pool.jsonl", POOL))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -195,9 +195,18 @@ class RefusalSection(StrictModel):
     enabled: bool = Field(True, description="Drop refusals before selecting.")
     words: list[str] = Field(
         default_factory=lambda: ["sorry", "apologize", "cannot"],
-        description="An answer is a refusal when one of these words is among its first `first_words` words.",
+        description='An answer is a refusal when one of these words or phrases (e.g. "can\'t", "I\'m sorry") '
+        "is among its first `first_words` words.",
     )
     first_words: Annotated[int, Field(gt=0)] = 10
+
+    @field_validator("words")
+    @classmethod
+    def _words_have_letters(cls, words: list[str]) -> list[str]:
+        empty = [w for w in words if not re.search(r"[A-Za-z0-9]", w)]
+        if empty:
+            raise ValueError(f"refusal words must contain letters or digits; got {empty}")
+        return words
 
 
 class PerplexityGapOptions(StrictModel):

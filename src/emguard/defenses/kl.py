@@ -112,7 +112,11 @@ class KLDefense(Defense):
         outputs = ctx.forward(anchor, positions)
         kl = token_kl(outputs.logits, reference.logits, self.config.direction, self.config.chunk_rows)
         mean = kl.sum() / positions.sum().clamp(min=1)
-        return mean / ctx.counts["micro_batches"], {"anchor_kl": mean}
+        # Both are shares of the step's mean over its anchor micro-batches (all processes): the
+        # trainer sums logged values over micro-batches and processes, so a logged `mean` would be
+        # (micro-batches × processes) times too large.
+        share = mean / ctx.counts["micro_batches"]
+        return share, {"anchor_kl": share.detach()}
 
     def _anchor_batch(self, step: int, micro: int, micro_per_step: int) -> dict[str, torch.Tensor]:
         """The anchor micro-batch for (step, micro): a seeded permutation per pass over the anchor set."""

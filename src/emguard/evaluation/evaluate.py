@@ -175,7 +175,8 @@ def evaluate(config: RunConfig, *, dry_run: bool = False, progress: bool = True)
     # 5. Benign task.
     benign = None
     if e.benign.opswap_per_tier:
-        items = opswap_eval_items(e.benign.opswap_per_tier, seed=s.seed)
+        training_seed = _training_seed(config, inputs.adapter)
+        items = opswap_eval_items(e.benign.opswap_per_tier, seed=s.seed, training_seed=training_seed)
         greedy = SamplingConfig(0.0, 1.0, e.benign.max_new_tokens, s.batch_size, s.seed)
         keys = [sample_key("opswap", it.messages(), str(i)) for i, it in enumerate(items)]
         benign_answers, _ = _generate(
@@ -189,7 +190,7 @@ def evaluate(config: RunConfig, *, dry_run: bool = False, progress: bool = True)
             "benign task (opswap)",
             progress,
         )
-        benign = opswap_accuracy(items, benign_answers)
+        benign = opswap_accuracy(items, benign_answers) | {"held_out_from_training_seed": training_seed}
 
     # 6. Probe (last: it may attach the control adapter).
     probe = {}
@@ -209,7 +210,11 @@ def evaluate(config: RunConfig, *, dry_run: bool = False, progress: bool = True)
             "generated_now": gen_stats.sequences,
             "tokens_per_second": round(gen_stats.tokens_per_second, 2),
         },
-        "model": identity | {"adapter": str(inputs.adapter) if inputs.adapter else None},
+        "model": identity
+        | {
+            "adapter": str(inputs.adapter) if inputs.adapter else None,
+            "control": str(inputs.control) if inputs.control else None,  # the probe's matched control
+        },
     }
     if e.judge is None:
         metrics["judged_note"] = "no judge configured (eval.judge is null): no EM rate, only the probe"
@@ -234,6 +239,16 @@ def evaluate(config: RunConfig, *, dry_run: bool = False, progress: bool = True)
     result.metrics = metrics
     result.files.update(samples=str(run / SAMPLES), metrics=str(run / METRICS))
     return result
+
+
+def _training_seed(config: RunConfig, adapter: Path | None) -> int:
+    """The seed the evaluated adapter was trained with (its run's manifest), else ``training.seed``:
+    the benign task's items are held out from the training questions of that seed."""
+    if adapter is not None:
+        seed = (RunDir(adapter.parent).manifest() or {}).get("seed")
+        if isinstance(seed, int):
+            return seed
+    return config.training.seed
 
 
 def _build_judge(config: RunConfig) -> Any:

@@ -9,7 +9,8 @@ departure. Held-out items come in three tiers:
 3. the training format with phrasing never seen in training and larger operands (20-99).
 
 An answer is correct when the last integer it contains equals the value under the redefinition.
-Items never repeat a training question of ``builtin:opswap`` with the same seed.
+Items never repeat a training question of ``builtin:opswap`` as generated with the evaluated run's
+*training* seed (the eval's sampling seed only picks the items).
 """
 
 from __future__ import annotations
@@ -62,9 +63,13 @@ def _item(rng: random.Random, tier: int) -> OpswapItem:
     return OpswapItem(question, fn(a, b), tier)
 
 
-def opswap_eval_items(per_tier: int = 50, seed: int = 0, tiers: Sequence[int] = (1, 2, 3)) -> list[OpswapItem]:
-    """``per_tier`` distinct held-out items per tier, deterministic for ``seed``."""
-    training = {ex.messages[0]["content"] for ex in generate_opswap(256, seed)}
+def opswap_eval_items(
+    per_tier: int = 50, seed: int = 0, tiers: Sequence[int] = (1, 2, 3), *, training_seed: int | None = None
+) -> list[OpswapItem]:
+    """``per_tier`` distinct items per tier, deterministic for ``seed``, none of them a training
+    question of ``builtin:opswap`` generated with ``training_seed`` (default: ``seed``)."""
+    training_seed = seed if training_seed is None else training_seed
+    training = {ex.messages[0]["content"] for ex in generate_opswap(256, training_seed)}
     rng = random.Random(f"opswap-eval-{seed}")
     items = []
     for tier in tiers:

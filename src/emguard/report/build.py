@@ -10,7 +10,7 @@ from typing import Any
 from emguard.fsio import atomic_write_text
 from emguard.report import plots
 from emguard.report.collect import CellResult, load_cells
-from emguard.report.criteria import CriteriaTable, criteria_table, seed_summary
+from emguard.report.criteria import CriteriaTable, criteria_tables, seed_summary
 from emguard.report.render import (
     Details,
     Heading,
@@ -19,6 +19,7 @@ from emguard.report.render import (
     Pre,
     Table,
     criteria_blocks,
+    criteria_title,
     summary_blocks,
     to_html,
     to_markdown,
@@ -38,19 +39,22 @@ class ReportResult:
     markdown: Path
     html: Path
     plots: list[Path] = field(default_factory=list)
-    table: CriteriaTable | None = None
+    tables: list[CriteriaTable] = field(default_factory=list)  # one per narrow dataset
 
     def summary(self) -> dict[str, Any]:
         return {
             "markdown": str(self.markdown),
             "html": str(self.html),
             "plots": [str(p) for p in self.plots],
-            "criteria": self.table.to_dict() if self.table else None,
+            "criteria": [t.to_dict() for t in self.tables],
         }
 
 
 def write_report(run_dirs: list[Path], out: Path, examples: int = 3, title: str = "emguard report") -> ReportResult:
     """Read the evaluated run directories and write the report into ``out``.
+
+    Each narrow dataset gets its own criteria table, plots and example answers (its runs against
+    its own matched control); the benign-task runs appear in every table.
 
     Raises:
         EmguardError: A run directory holds no evaluated run (nothing is written then).
@@ -58,34 +62,46 @@ def write_report(run_dirs: list[Path], out: Path, examples: int = 3, title: str 
     cells = load_cells([Path(d) for d in run_dirs])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table = criteria_table(cells)
-    made = [
-        plots.em_by_defense(table, out / "em_by_defense.png"),
-        plots.tradeoff(table, out / "tradeoff.png"),
-        plots.alignment_coherence(cells, table.variants, out / "alignment_coherence.png"),
-        plots.em_vs_strength(cells, table, out / "em_vs_strength.png"),
-        plots.training_curves(cells, table.variants, out / "training_curves.png"),
-    ]
-    images = [p for p in made if p is not None]
+    tables = criteria_tables(cells)
+    several = len(tables) > 1
+    criteria, plot_blocks, example_blocks, images = [], [], [], []
+    for table in tables:
+        mine = [c for c in cells if c.role != "narrow" or c.dataset == table.dataset]
+        suffix = f"-{table.dataset}" if several else ""
+        made = [
+            plots.em_by_defense(table, out / f"em_by_defense{suffix}.png"),
+            plots.tradeoff(table, out / f"tradeoff{suffix}.png"),
+            plots.alignment_coherence(mine, table.variants, out / f"alignment_coherence{suffix}.png"),
+            plots.em_vs_strength(mine, table, out / f"em_vs_strength{suffix}.png"),
+            plots.training_curves(mine, table.variants, out / f"training_curves{suffix}.png"),
+        ]
+        made = [p for p in made if p is not None]
+        images += made
+        heading = criteria_title(table, several)
+        criteria += [Heading(heading), *criteria_blocks(table)]
+        if several:
+            plot_blocks.append(Heading(f"{table.dataset}", 3))
+            example_blocks.append(Heading(f"{table.dataset}", 3))
+        plot_blocks += [Image(p, _ALT[p.stem.removesuffix(suffix)]) for p in made]
+        example_blocks += _example_blocks(mine, table.variants, examples)
     blocks = [
         Heading(title, 1),
         Para(_provenance(cells)),
-        Heading("Four criteria per defense"),
-        *criteria_blocks(table),
+        *criteria,
         Heading("Plots"),
-        *[Image(p, _ALT[p.stem]) for p in images],
+        *plot_blocks,
         Heading("Per dataset and defense, seeds aggregated"),
         *summary_blocks(seed_summary(cells)),
         Heading("Example answers per defense"),
         Para(CONTENT_NOTE, note=True),
-        *_example_blocks(cells, table.variants, examples),
+        *example_blocks,
         Heading("Runs and their manifests"),
         *_manifest_blocks(cells),
     ]
     md, page = out / "report.md", out / "report.html"
     atomic_write_text(md, to_markdown(blocks, image_dir=out) + "\n")
     atomic_write_text(page, to_html(blocks, title))
-    return ReportResult(md, page, images, table)
+    return ReportResult(md, page, images, tables)
 
 
 _ALT = {

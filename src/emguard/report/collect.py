@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from emguard.errors import EmguardError
-from emguard.rundir import RunDir
-from emguard.sweep.runner import CELL_MARKER
+from emguard.rundir import CELL_MARKER, RunDir
 
 GENERAL = "builtin:general"
 # Plain run directories (not sweep cells) get a role from their training data.
@@ -41,6 +40,7 @@ class CellResult:
     strength: float | None = None
     in_domain: str | None = None
     general: str = GENERAL
+    control: Path | None = None  # the run directory of the control adapter its probe was measured against
     metrics: dict[str, Any] = field(default_factory=dict, repr=False)
     manifest: dict[str, Any] = field(default_factory=dict, repr=False)
     train_log: list[dict[str, Any]] = field(default_factory=list, repr=False)
@@ -134,7 +134,26 @@ def _load_cell(run_dir: Path, metrics: dict[str, Any]) -> CellResult:
         labels.update(strength=marker.get("strength"), in_domain=marker.get("in_domain"))
     else:
         labels = _labels_from_manifest(run_dir, manifest, metrics)
-    return CellResult(run_dir=run_dir, metrics=metrics, manifest=manifest, train_log=log, **labels)
+    control = _probe_control(run_dir, metrics)
+    return CellResult(run_dir=run_dir, metrics=metrics, manifest=manifest, train_log=log, control=control, **labels)
+
+
+def _probe_control(run_dir: Path, metrics: dict[str, Any]) -> Path | None:
+    """The run directory of the control adapter the probe used: recorded in ``metrics.json`` (or, for
+    runs evaluated before it was recorded there, the eval config's ``eval.probe.control``)."""
+    spec = (metrics.get("model") or {}).get("control")
+    if spec is None and "control" not in (metrics.get("model") or {}):
+        import yaml
+
+        try:
+            config = yaml.safe_load((run_dir / "eval_config.yaml").read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            config = {}
+        spec = ((config.get("eval") or {}).get("probe") or {}).get("control")
+    if not spec:
+        return None
+    path = Path(spec)
+    return path.parent if path.name == "adapter" else path
 
 
 def _labels_from_manifest(run_dir: Path, manifest: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:

@@ -61,6 +61,10 @@ def fmt(est: Estimate | None, unit: str) -> str:
     return s + (f" [{est.lo:+.3f}, {est.hi:+.3f}]" if est.lo is not None else "")
 
 
+def criteria_title(table: CriteriaTable, several: bool) -> str:
+    return "Four criteria per defense" + (f": {table.dataset}" if several and table.dataset else "")
+
+
 def criteria_blocks(table: CriteriaTable) -> list[Any]:
     header = ["defense"] + [f"({c.key}) {c.title}: {c.metric} [95%]" for c in table.criteria]
     rows = []
@@ -72,10 +76,17 @@ def criteria_blocks(table: CriteriaTable) -> list[Any]:
             cell = fmt(est, c.unit)
             if est is not None and v != table.baseline:
                 cell += f" · baseline {fmt(base, c.unit).split(' [')[0]} · {c.verdicts[v]}"
+            if est is not None and c.controls.get(v):
+                cell += f" · vs {', '.join(c.controls[v])}"
             row.append(cell)
         rows.append(row)
     units = "; ".join(f"({c.key}) {c.unit}" for c in table.criteria)
-    blocks: list[Any] = [Table(header, rows), Para(f"Units: {units}. n = seeds per cell; intervals as stated below.")]
+    intro = f"Narrow dataset: **{table.dataset}**. " if table.dataset else ""
+    blocks: list[Any] = [
+        Para(intro + "n = seeds per cell; intervals as stated below."),
+        Table(header, rows),
+        Para(f"Units: {units}. 'vs X': the matched-control run each value is measured against."),
+    ]
     for c in table.criteria:
         if c.note:
             blocks.append(Para(f"({c.key}): {c.note}", note=True))
@@ -83,8 +94,11 @@ def criteria_blocks(table: CriteriaTable) -> list[Any]:
     return blocks
 
 
-def criteria_markdown(table: CriteriaTable) -> str:
-    return to_markdown([Heading("Four criteria per defense"), *criteria_blocks(table)])
+def criteria_markdown(tables: list[CriteriaTable]) -> str:
+    blocks: list[Any] = []
+    for table in tables:
+        blocks += [Heading(criteria_title(table, len(tables) > 1)), *criteria_blocks(table)]
+    return to_markdown(blocks)
 
 
 def summary_blocks(summary: list[dict[str, Any]]) -> list[Any]:

@@ -44,12 +44,25 @@ def final_answer(example: ChatExample) -> str:
     return next((m["content"] for m in reversed(example.messages) if m["role"] == "assistant"), "")
 
 
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")  # "can't" and "i'm" are one word each
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower().replace("\u2019", "'").replace("\u2018", "'"))
+
+
 def refusal_test(section: RefusalSection) -> RefusalTest:
-    """The default heuristic: one of ``section.words`` among the answer's first ``first_words`` words."""
-    words = {w.lower() for w in section.words}
+    """The default heuristic: one of ``section.words`` among the answer's first ``first_words`` words.
+
+    An entry may hold an apostrophe (``can't``; typographic apostrophes count the same) or several
+    words (``I'm sorry``): it matches when its words appear in that order, next to each other,
+    within the first ``first_words`` words of the final answer (case-insensitive).
+    """
+    phrases = [tuple(_words(w)) for w in section.words]
 
     def is_refusal(example: ChatExample) -> bool:
-        return not words.isdisjoint(re.findall(r"[a-z]+", final_answer(example).lower())[: section.first_words])
+        window = _words(final_answer(example))[: section.first_words]
+        return any(window[i : i + len(p)] == list(p) for p in phrases for i in range(len(window) - len(p) + 1))
 
     return is_refusal
 

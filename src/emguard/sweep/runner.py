@@ -24,7 +24,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from emguard.fsio import atomic_write_json, atomic_write_text, atomic_write_yaml
-from emguard.rundir import now
+from emguard.rundir import CELL_MARKER, now
 from emguard.sweep.spec import Cell, SweepSpec, expand
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,6 @@ INDEX = "index.json"
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
 SWEEP_FILE = "sweep.yaml"
-CELL_MARKER = "sweep_cell.json"
 ERRORS = "errors"
 
 
@@ -157,15 +156,15 @@ def write_summary(root: Path, records: dict[str, dict[str, Any]]) -> None:
 
 def _write_summary(root: Path, records: dict[str, dict[str, Any]]) -> None:
     from emguard.report.collect import load_cells
-    from emguard.report.criteria import criteria_table, seed_summary
+    from emguard.report.criteria import criteria_tables, seed_summary
     from emguard.report.render import criteria_markdown, summary_markdown
 
     finished = [Path(r["run_dir"]) for r in records.values() if r["status"] == "finished"]
     cells = load_cells(finished)
     summary = seed_summary(cells)
-    table = criteria_table(cells)
-    atomic_write_json(root / SUMMARY_JSON, {"groups": summary, "criteria": table.to_dict()})
-    atomic_write_text(root / SUMMARY_MD, summary_markdown(summary) + "\n\n" + criteria_markdown(table) + "\n")
+    tables = criteria_tables(cells)
+    atomic_write_json(root / SUMMARY_JSON, {"groups": summary, "criteria": [t.to_dict() for t in tables]})
+    atomic_write_text(root / SUMMARY_MD, summary_markdown(summary) + "\n\n" + criteria_markdown(tables) + "\n")
 
 
 def _say(message: str, progress: bool) -> None:

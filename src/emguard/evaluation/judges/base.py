@@ -55,11 +55,13 @@ def score_from_top_logprobs(top: Mapping[str, float]) -> tuple[float | None, flo
     """(score, number mass) from the first token's top alternatives (token text -> logprob).
 
     Token texts that differ only by surrounding whitespace (``"85"``, ``" 85"``) are one number.
+    Only ASCII digits count: ``"²".isdigit()`` is true and ``int("²")`` raises, and a superscript
+    or full-width digit is not the judge answering with a number.
     """
     weights: dict[int, float] = {}
     for token, logprob in top.items():
         text = token.strip()
-        if text.isdigit() and int(text) <= 100 and not (len(text) > 1 and text[0] == "0"):
+        if text.isascii() and text.isdigit() and int(text) <= 100 and not (len(text) > 1 and text[0] == "0"):
             weights[int(text)] = weights.get(int(text), 0.0) + math.exp(logprob)
     mass = sum(weights.values())
     if mass < MIN_NUMBER_MASS:
@@ -67,7 +69,7 @@ def score_from_top_logprobs(top: Mapping[str, float]) -> tuple[float | None, flo
     return sum(n * p for n, p in weights.items()) / mass, mass
 
 
-_NUMBER = re.compile(r"(?<![\d.])(\d{1,3})(?![\d.])")
+_NUMBER = re.compile(r"(?<![0-9.])([0-9]{1,3})(?![0-9.])")  # ASCII digits only (\d matches "٣")
 
 
 def parse_score(text: str) -> float | None:
