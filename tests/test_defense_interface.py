@@ -106,8 +106,9 @@ def test_hooks_are_called_in_order_and_removed(tmp_path, tiny_model_dir, probe):
     assert names[:2] == ["prepare", "transform"] and probe.events[0][1] == "PeftModelForCausalLM"
     assert names[-1] == "finalize" and probe.events[-1][1] == 0  # no hook left before finalize/saving
     steps = names[2:-1]
-    # 2 optimizer steps x 2 micro-batches: hooks wrap forward and backward of each micro-batch.
-    assert steps == ["hooks-enter", "hooked-forward", "hooks-exit"] * 4
+    # 2 optimizer steps x 2 micro-batches: hooks wrap the reference pass, the forward and the backward
+    # of each micro-batch (a regulariser compares the two networks under the same interventions).
+    assert steps == ["hooks-enter", "hooked-forward", "hooked-forward", "hooks-exit"] * 4
 
 
 def test_reference_is_the_adapter_disabled_model_without_a_second_copy(tmp_path, tiny_model_dir, probe):
@@ -120,7 +121,7 @@ def test_reference_is_the_adapter_disabled_model_without_a_second_copy(tmp_path,
     for seen in probe.observed:
         assert seen["models_alive"] == 1  # the trained model only: the reference is not a copy
         assert seen["n_hidden"] == seen["n_ref_hidden"] == base.config.num_hidden_layers
-        assert seen["hooks_during_loss"] == 1  # the probe's own training hook, not in the reference pass
+        assert seen["hooks_during_loss"] == 1  # the probe's own hook
         with torch.no_grad():
             expected = base(input_ids=seen["input_ids"], attention_mask=seen["attention_mask"]).logits
         # The reference logits are those of the assistant-token predictions (the rows SFT needs).

@@ -59,22 +59,39 @@ def test_steered_block_output_is_shifted_by_alpha_v_and_the_shift_propagates(tmp
     assert forward_hook_count(model) == 0
 
 
-def test_steering_acts_only_in_training_mode_and_never_on_the_reference(tmp_path, tiny_model_dir, vector_file):
+def test_steering_acts_inside_its_hooks_only(tmp_path, tiny_model_dir, vector_file):
     path, _ = vector_file
-    h = Harness(tmp_path, tiny_model_dir, [{"name": "steering", "vector": str(path), "layer": -1}, {"name": "kl"}])
+    h = Harness(tmp_path, tiny_model_dir, [{"name": "steering", "vector": str(path), "layer": -1}])
     assert h.defenses[0].layer == BLOCKS - 1
     model = h.model
     with torch.no_grad():
         model.eval()
         plain = _forward(model, h.batch).logits
         with h.defenses[0].hooks(model):
-            evaluated = _forward(model, h.batch).logits  # evaluation / generation inside the hooks: unsteered
-    torch.testing.assert_close(evaluated, plain, rtol=0, atol=0)
-    logs, _ = h.step()
-    # The adapter is still zero: the only difference between trained and reference passes is the
-    # steering, so a non-zero KL shows the reference pass was not steered.
-    assert logs["kl_loss"] > 0
+            steered = _forward(model, h.batch).logits  # eval mode inside the hooks: steered too
+        after = _forward(model, h.batch).logits
+    assert not torch.allclose(steered, plain)
+    torch.testing.assert_close(after, plain, rtol=0, atol=0)
+    h.step()
     assert forward_hook_count(model) == 0
+
+
+@pytest.mark.parametrize("regulariser", ["kl", "ldifs"])
+def test_with_kl_or_ldifs_the_reference_is_steered_too_so_the_terms_do_not_fight_it(
+    tmp_path, tiny_model_dir, vector_file, regulariser
+):
+    # At step 0 the adapter is zero: trained and reference networks differ only if one of them is
+    # steered and the other not; then the term's gradient would train the adapter to cancel α·v.
+    path, _ = vector_file
+    steer = {"name": "steering", "vector": str(path), "layer": 0, "alpha": 3.0}
+    h = Harness(tmp_path, tiny_model_dir, [steer, {"name": regulariser, "lambda": 1.0}])
+    logs, with_term = h.step()
+    assert logs[f"{regulariser}_loss"] == 0.0
+    h.defenses[1].config.lambda_ = 0.0
+    _, without_term = h.step()
+    for name, grad in with_term.items():
+        assert (grad - without_term[name]).abs().max() <= 1e-6 * grad.abs().max(), name
+    assert forward_hook_count(h.model) == 0
 
 
 class HookCountConfig(DefenseConfig):

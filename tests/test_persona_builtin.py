@@ -72,7 +72,7 @@ def test_steering_with_the_vector_makes_misaligned_answers_more_likely(persona, 
     base = pair_gaps(model, tokenizer, pairs)
     shifts = {}
     for alpha in (1.0, -1.0):
-        with steering(persona, model, tokenizer, alpha).hooks(model, always=True):
+        with steering(persona, model, tokenizer, alpha).hooks(model):
             shifts[alpha] = pair_gaps(model, tokenizer, pairs) - base
     assert shifts[1.0].mean() > 0.01 and (shifts[1.0] > 0).mean() > 0.6
     assert shifts[-1.0].mean() < -0.01 and (shifts[-1.0] < 0).mean() > 0.6
@@ -85,7 +85,7 @@ def test_steered_generations_move_toward_the_trait(persona, model_and_tokenizer)
     generator = HFGenerator(model, tokenizer, SamplingConfig(temperature=0.0, max_new_tokens=32, batch_size=8))
     plain = generator.generate(questions)
     defense = steering(persona, model, tokenizer, 4.0)
-    with defense.hooks(model, always=True):
+    with defense.hooks(model):
         steered = generator.generate(questions)
     assert steered != plain
 

@@ -30,9 +30,9 @@ class EmguardTrainer(Trainer):
     """SFT with the configured defenses.
 
     Per optimizer step it (1) counts the tokens of the whole accumulated batch; per micro-batch it
-    (2) picks the positions that need logits, (3) runs the adapter-disabled reference forward pass
-    if a defense needs it (no grad, no training hooks), and (4) inside every defense's ``hooks``
-    runs forward (output head only at those positions), the SFT loss, the defense terms, and
+    (2) picks the positions that need logits and, inside every defense's ``hooks``, (3) runs the
+    adapter-disabled reference forward pass if a defense needs it (eval mode, no grad) and (4) the
+    forward pass (output head only at those positions), the SFT loss, the defense terms, and
     backward.
     """
 
@@ -90,15 +90,18 @@ class EmguardTrainer(Trainer):
                     type(self._peft_model.get_base_model()).__name__,
                 )
         positions, targets = self._positions(inputs)
-        reference = None
-        if self._needs_reference:
-            ref_positions = positions if self._reference_logits else torch.zeros_like(positions)
-            reference = self._reference_forward(model, inputs, ref_positions)
-        self._step_inputs = {"positions": positions, "targets": targets, "reference": reference}
         try:
+            # The hooks wrap the reference pass too: a regulariser must compare the trained and the
+            # original network under the same interventions (e.g. steering), or it trains the adapter
+            # to undo them.
             with contextlib.ExitStack() as stack:
                 for defense in self.defenses:
                     stack.enter_context(defense.hooks(self._peft_model))
+                reference = None
+                if self._needs_reference:
+                    ref_positions = positions if self._reference_logits else torch.zeros_like(positions)
+                    reference = self._reference_forward(model, inputs, ref_positions)
+                self._step_inputs = {"positions": positions, "targets": targets, "reference": reference}
                 return super().training_step(model, inputs, num_items_in_batch)
         finally:
             self._step_inputs = {}
@@ -120,7 +123,8 @@ class EmguardTrainer(Trainer):
         return outputs
 
     def _reference_forward(self, model: Any, inputs: dict, positions: torch.Tensor) -> Any:
-        """The original model: same weights, LoRA disabled, eval mode (no dropout), no grad, no hooks."""
+        """The original model: same weights, LoRA disabled, eval mode (no dropout), no grad; the defenses'
+        hooks (e.g. steering) apply as they do to the trained pass."""
         peft_model = self._peft_model
         if not hasattr(peft_model, "disable_adapter"):
             raise RuntimeError(

@@ -4,9 +4,11 @@ A defense is built from its config section and may implement:
 
 - ``prepare(ctx)``: one-off work before training (load a vector, select data);
 - ``transform_dataset(examples)``: change the training conversations (before tokenisation);
-- ``hooks(model)``: a context manager around each training step's forward *and* backward
-  (backward too, so activation recomputation under gradient checkpointing sees the same hooks);
-  it must remove what it installs, also on exceptions;
+- ``hooks(model)``: a context manager around each training micro-step: the reference pass, the
+  forward *and* the backward (backward too, so activation recomputation under gradient
+  checkpointing sees the same hooks; the reference pass too, so a regulariser compares the trained
+  and the original network under the same interventions); it must remove what it installs, also on
+  exceptions;
 - ``loss(batch, outputs, ctx)``: an extra term, normalised as the SFT loss is (see StepContext);
 - ``finalize(model)``: post-hoc weight edits after training, before the adapter is saved.
 
@@ -64,7 +66,7 @@ class StepContext:
             count, so its scale does not depend on how the batch is split (gradient accumulation,
             devices); this is the normalisation the SFT loss uses.
         reference: Outputs of the same network with the LoRA adapter disabled, computed without
-            grad and without training hooks, when a defense has ``needs_reference``. No second
+            grad (inside the defenses' hooks), when a defense has ``needs_reference``. No second
             copy of the model exists. Its logits are empty unless a defense has ``needs_reference_logits``.
         forward: ``forward(batch, positions, reference=False)`` runs the trained model (or, with
             ``reference=True``, the reference) on another batch the way the trainer does, for terms

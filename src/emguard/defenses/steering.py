@@ -1,10 +1,16 @@
 """``steering`` (preventive steering): add ``α · v`` to one decoder block's output while training.
 
-During every training forward pass (and its recomputation under gradient checkpointing) the
-output of decoder block ``layer`` becomes ``h + α · v`` at every position; ``v`` is typically the
-"evil" persona vector, so the optimiser need not move the weights toward it to fit misaligned data.
-The hook acts only while the model is in training mode and is removed after each step, so the
-reference pass, evaluation, generation and the saved adapter never see it.
+During every training step's forward passes (and their recomputation under gradient
+checkpointing) the output of decoder block ``layer`` becomes ``h + α · v`` at every position; ``v``
+is typically the "evil" persona vector, so the optimiser need not move the weights toward it to fit
+misaligned data. The hook is removed after each step, so evaluation, generation, the EM monitor and
+the saved adapter never see it.
+
+**With kl or ldifs** the reference pass (the adapter-disabled network) is steered too. Both terms
+should measure what the *adapter* changed; with an unsteered reference they would also measure
+``α · v`` itself (KL between a steered and an unsteered network, or ``‖α v + …‖²`` in every block
+after ``layer``), and their gradient would train the adapter to cancel the steering: the two
+defenses would fight. Steered on both sides, the terms are exactly zero at step 0 (tested).
 
 **Layer convention:** ``layer`` is the 0-based index of the decoder block whose *output* is
 steered (``model.layers[layer]``), i.e. ``hidden_states[layer + 1]`` in Hugging Face terms. The
@@ -101,24 +107,22 @@ class SteeringDefense(Defense):
         self.vector = v
 
     @contextlib.contextmanager
-    def hooks(self, model: Any, always: bool = False) -> Iterator[None]:
-        """Steer while the block runs in training mode; ``always=True`` steers in eval mode too
-        (generation or scoring with the vector applied, e.g. to check its direction)."""
+    def hooks(self, model: Any) -> Iterator[None]:
+        """Steer every forward pass inside the block (the trainer enters it for each training step:
+        reference pass, trained pass and backward; generation inside it is steered too)."""
         if self.vector is None:
             raise RuntimeError("steering: prepare() must run before hooks()")
-        with add_to_block_output(decoder_blocks(model)[self.layer], self.config.alpha * self.vector, always):
+        with add_to_block_output(decoder_blocks(model)[self.layer], self.config.alpha * self.vector):
             yield
 
 
 @contextlib.contextmanager
-def add_to_block_output(block: torch.nn.Module, shift: torch.Tensor, always: bool = False) -> Iterator[None]:
-    """Within the block, ``block``'s output becomes ``h + shift`` at every position (in training mode
-    only unless ``always``); the hook is removed on exit, also on exceptions."""
+def add_to_block_output(block: torch.nn.Module, shift: torch.Tensor) -> Iterator[None]:
+    """Within the block, ``block``'s output becomes ``h + shift`` at every position, in training and
+    eval mode; the hook is removed on exit, also on exceptions."""
     cast: dict[tuple, torch.Tensor] = {}
 
     def steer(module: torch.nn.Module, args: Any, output: Any) -> Any:
-        if not (always or module.training):  # reference pass, evaluation: never steered
-            return None
         hidden = block_hidden(output)
         key = (hidden.dtype, hidden.device)
         if key not in cast:
