@@ -51,3 +51,13 @@ def test_system_prompt_reaches_the_model(tiny, monkeypatch):
     encoded = generator._encode([CONVERSATIONS[1]])
     assert "Be brief." in tokenizer.decode(encoded["input_ids"][0])
     assert torch.equal(encoded["attention_mask"][0], torch.ones_like(encoded["attention_mask"][0]))
+
+
+def test_sampling_leaves_the_callers_random_state_alone(tiny):
+    # The EM monitor generates in the middle of training; a reseeded global RNG would change the
+    # dropout masks and shuffles that follow.
+    model, tokenizer = tiny
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    HFGenerator(model, tokenizer, SamplingConfig(temperature=1.0, max_new_tokens=4, seed=7)).generate(CONVERSATIONS)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -17,6 +17,7 @@ from emguard.models import (
     builtin_gguf_path,
     load_model,
     load_tokenizer,
+    model_identity,
     resolve_model,
 )
 
@@ -27,6 +28,17 @@ def test_local_directory_loads_in_float32(tiny_model_dir):
     model = load_model(resolved, ModelOptions(dtype="auto"))
     assert model.dtype == torch.float32  # auto is float32 without a GPU
     assert load_tokenizer(resolved).pad_token is not None
+
+
+def test_cache_identity_includes_the_dtype_and_attention(tiny_model_dir):
+    # Per-answer losses are cached by this identity: fp32 and bf16 losses must never mix.
+    resolved = resolve_model(str(tiny_model_dir))
+    fp32, bf16 = (model_identity(resolved, ModelOptions(dtype=d)) for d in ("float32", "bfloat16"))
+    assert fp32 != bf16 and "dtype=float32" in fp32 and "dtype=bfloat16" in bf16
+    assert model_identity(resolved) == fp32  # auto is float32 without a GPU
+    assert model_identity(resolved, ModelOptions(attn_implementation="eager")) != fp32
+    hub = ResolvedModel("org/name", "hub", "org/name")
+    assert model_identity(hub, ModelOptions(dtype="float32")) != model_identity(hub, ModelOptions(dtype="bfloat16"))
 
 
 def test_lora_adapter_starts_as_the_base_model(tiny_model_dir):

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from transformers import TrainerCallback
 
 from conftest import tiny_run_config
@@ -91,3 +92,23 @@ def test_judged_sample_needs_a_judge_and_is_logged_with_one(tmp_path, tiny_model
         assert len(server.requests) == 2 * 2  # 2 answers × (aligned, coherent)
     check = next(r for r in log_lines(result.run_dir) if "monitor/em_rate" in r)
     assert check["step"] == 2 and check["monitor/em_rate"] == 0.0  # the fake judge finds no villain
+
+
+def test_judged_checks_do_not_change_what_training_draws(tmp_path, tiny_model_dir):
+    # With LoRA dropout every step draws random masks; the monitor's sampled answers must not reseed them.
+    from safetensors.torch import load_file
+
+    monitor = {"every": 1, "judge_samples": 2, "max_new_tokens": 4}
+    with FakeOpenAI() as server:
+        runs = {}
+        for name, section in (("plain", {"every": 0}), ("monitored", monitor)):
+            config = monitored(tmp_path / name, tiny_model_dir, section, max_steps=3)
+            data = config.model_dump(by_alias=True)
+            data["lora"]["dropout"] = 0.3
+            data["eval"]["judge"] = {"kind": "openai", "model": "fake", "base_url": server.base_url, "cache": False}
+            runs[name] = load_file(
+                train(type(config).model_validate(data), progress=False).adapter_dir / "adapter_model.safetensors"
+            )
+    assert len(server.requests) == 3 * 2 * 2  # the checks really sampled (3 checks × 2 answers × 2 prompts)
+    for key, value in runs["plain"].items():
+        assert torch.equal(value, runs["monitored"][key]), key

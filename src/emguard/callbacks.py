@@ -10,6 +10,7 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from emguard.distributed import wait_for_everyone
 from emguard.rundir import CHECKPOINT_DONE
 
 
@@ -65,11 +66,14 @@ class ProgressBarCallback(TrainerCallback):
 class CheckpointMarkerCallback(TrainerCallback):
     """Marks a checkpoint complete once the Trainer has written all of it.
 
-    The Trainer writes checkpoint files one by one; a kill in the middle leaves a directory that
-    looks like a checkpoint. ``--resume`` only trusts directories carrying this marker.
+    The Trainer writes checkpoint files one by one (and each process its own RNG state); a kill in
+    the middle leaves a directory that looks like a checkpoint. ``--resume`` only trusts directories
+    carrying this marker, written by the main process once every process has saved its part.
     """
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # Every process writes part of a checkpoint (its RNG state); it is complete when all have.
+        wait_for_everyone()
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():

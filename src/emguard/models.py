@@ -187,8 +187,24 @@ def resolve_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def load_model(resolved: ResolvedModel, options: ModelOptions | None = None) -> Any:
-    """The base causal LM, from safetensors only."""
+def inference_device() -> torch.device:
+    """Where this process runs a model it does not train: its GPU (``LOCAL_RANK`` under a launcher)
+    when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def load_model(resolved: ResolvedModel, options: ModelOptions | None = None, *, device: str | None = "auto") -> Any:
+    """The base causal LM, from safetensors only.
+
+    Args:
+        resolved: Where the model is.
+        options: dtype, remote code, revision, attention implementation.
+        device: ``auto`` puts it on ``inference_device()`` (evaluation, selection, persona vectors:
+            a bf16 model on a GPU machine must not run on the CPU); ``None`` leaves it where
+            ``from_pretrained`` puts it, for the Trainer to place (training).
+    """
     from transformers import AutoModelForCausalLM
 
     options = options or ModelOptions()
@@ -204,11 +220,12 @@ def load_model(resolved: ResolvedModel, options: ModelOptions | None = None) -> 
             "weights. Convert them once with `model.save_pretrained(dir, safe_serialization=True)` from a trusted copy"
         )
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             resolved.location, dtype=resolve_dtype(options.dtype), use_safetensors=True, **kwargs
         )
     except (OSError, ValueError) as e:
         raise _load_error(resolved, "weights", e) from None
+    return model.to(inference_device()) if device == "auto" else model
 
 
 def attach_lora(model: Any, lora: LoraConfig, seed: int = 0) -> Any:
@@ -229,20 +246,25 @@ def attach_lora(model: Any, lora: LoraConfig, seed: int = 0) -> Any:
 
 
 def model_identity(resolved: ResolvedModel, options: ModelOptions | None = None) -> str:
-    """A string that changes when the weights ``resolved`` points at change (for cache keys).
+    """A string that changes when the numbers a loaded model computes can change (for cache keys).
 
-    Built-in: the GGUF file's sha256. Local directory: sha256 over ``config.json`` and the name,
-    size and modification time of each weights file (hashing many GB on every run would cost more
-    than the cached work). Hub id: the id and revision (pin ``model_options.revision`` to a commit
-    for keys that cannot go stale).
+    The weights: built-in, the GGUF file's sha256; local directory, sha256 over ``config.json``
+    and the name, size and modification time of each weights file (hashing many GB on every run
+    would cost more than the cached work); hub id, the id and revision (pin
+    ``model_options.revision`` to a commit for keys that cannot go stale). Then the dtype the
+    weights are loaded in and the attention implementation: an fp32 and a bf16 loss of the same
+    answer differ, and must never be mixed in one cache.
     """
+    options = options or ModelOptions()
+    numerics = f"dtype={str(resolve_dtype(options.dtype)).removeprefix('torch.')}"
+    numerics += f",attn={options.attn_implementation or 'default'}"
     if resolved.kind == "builtin":
-        return f"builtin:{resolved.sha256}"
+        return f"builtin:{resolved.sha256}|{numerics}"
     if resolved.kind == "hub":
-        return f"hub:{resolved.location}@{(options or ModelOptions()).revision or 'main'}"
+        return f"hub:{resolved.location}@{options.revision or 'main'}|{numerics}"
     location = Path(resolved.location)
     parts = [(location / "config.json").read_text() if (location / "config.json").is_file() else ""]
     for weights in sorted([*location.glob("*.safetensors"), *location.glob("*.bin")]):
         stat = weights.stat()
         parts.append(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}")
-    return "local:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    return "local:" + hashlib.sha256("\n".join(parts).encode()).hexdigest() + f"|{numerics}"

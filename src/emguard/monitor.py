@@ -29,6 +29,7 @@ import torch
 from transformers import TrainerCallback
 
 from emguard.config import RunConfig
+from emguard.distributed import broadcast, is_main_process
 from emguard.evaluation.probe import load_pairs, pair_gaps
 
 log = logging.getLogger(__name__)
@@ -82,10 +83,14 @@ class EMMonitorCallback(TrainerCallback):
         if step % self.section.every and step != state.max_steps:
             return
         started = time.monotonic()
+        # Every process measures (under FSDP a forward pass needs all of them); every process then
+        # acts on the main process's numbers, so that a stop is unanimous.
         shift = float(np.mean(self._gaps(model) - self.base_gaps))
-        logs = {"monitor/probe_shift": round(shift, 6)}
+        logs: dict[str, Any] = {"monitor/probe_shift": round(shift, 6)}
         if self.judge is not None:
             logs["monitor/em_rate"] = self._judged_em_rate(model)
+        logs = broadcast(logs)
+        shift = logs["monitor/probe_shift"]
         took = time.monotonic() - started
         self.seconds += took
         logs["monitor/seconds"] = round(took, 3)
@@ -100,13 +105,14 @@ class EMMonitorCallback(TrainerCallback):
             if self.section.action == "stop":
                 self.stopped = True
                 control.should_training_stop = True
-            log.warning(
-                "EM monitor: probe shift %+.4f nats/token at step %d reached the threshold %+.4f; run %s",
-                shift,
-                step,
-                threshold,
-                "stopped" if self.stopped else "flagged",
-            )
+            if is_main_process():
+                log.warning(
+                    "EM monitor: probe shift %+.4f nats/token at step %d reached the threshold %+.4f; run %s",
+                    shift,
+                    step,
+                    threshold,
+                    "stopped" if self.stopped else "flagged",
+                )
 
     # --- measurements --------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -124,8 +130,12 @@ class EMMonitorCallback(TrainerCallback):
         with self._eval_mode(model):
             return pair_gaps(model, self.tokenizer, self.pairs, self.section.batch_size, cache)
 
-    def _judged_em_rate(self, model: Any) -> float:
-        """EM rate (``emguard.evaluation.metrics``) of ``judge_samples`` answers to the general questions."""
+    def _judged_em_rate(self, model: Any) -> float | None:
+        """EM rate (``emguard.evaluation.metrics``) of ``judge_samples`` answers to the general questions.
+
+        Every process generates (a sharded model needs all of them); only the main process asks the
+        judge (paid calls, once), the others return None.
+        """
         from emguard.evaluation.evaluate import default_judge_prompts
         from emguard.evaluation.generation import HFGenerator, SamplingConfig
         from emguard.evaluation.judged import JudgedSample
@@ -137,6 +147,8 @@ class EMMonitorCallback(TrainerCallback):
         sampling = SamplingConfig(1.0, 1.0, self.section.max_new_tokens, self.section.batch_size, 0)
         with self._eval_mode(model):
             answers = HFGenerator(model, self.tokenizer, sampling).generate([r.messages for r in requests])
+        if not is_main_process():
+            return None
         templates = default_judge_prompts()
         prompts = [
             templates[m].replace("{question}", r.messages[-1]["content"]).replace("{answer}", answer)

@@ -21,11 +21,13 @@ from transformers import PrinterCallback, ProgressCallback, TrainerCallback, Tra
 from emguard.callbacks import CheckpointMarkerCallback, ProgressBarCallback, TrainLogCallback
 from emguard.config import RunConfig
 from emguard.data.chat import examples_fingerprint
+from emguard.data.chat_template import system_prompt_handling
 from emguard.data.collate import ChatCollator
 from emguard.data.sources import load_examples
 from emguard.data.tokenize import TokenizedExample, tokenize_examples
 from emguard.defenses.base import PrepareContext
 from emguard.defenses.registry import build_defenses
+from emguard.distributed import check_launch, is_main_process, main_process_first, num_processes, wait_for_everyone
 from emguard.errors import ConfigError
 from emguard.fsio import atomic_directory
 from emguard.models import (
@@ -84,52 +86,61 @@ def train(
         ConfigError / DataError / EmguardError: Bad input; nothing is written in that case.
     """
     started = time.monotonic()
+    check_launch()  # several GPUs in one process: a clear error, never DataParallel
     run = RunDir(config.output_dir)
     state = "new" if overwrite and run.manifest() is not None else run.check_reusable(config)
     if state == "finished":
         return _finished_result(run, skipped=True)
 
-    # 1. Everything that can fail on bad input, before any write.
+    # 1. Everything that can fail on bad input, before any write. Under a launcher every process
+    #    does this; the main process goes first where a shared cache is filled.
     if config.data is None:
         raise ConfigError("data.train is required to train (a chat JSONL path or builtin:NAME)")
+    args = training_arguments(config, run.path / CHECKPOINTS, progress)  # starts the process group, if any
     set_seed(config.training.seed)
     defenses = build_defenses(config.defenses)
     examples = _load_training_examples(config)
-    resolved = resolve_model(config.model)
+    with main_process_first():  # the built-in model is converted once, by one process
+        resolved = resolve_model(config.model)
     tokenizer = load_tokenizer(resolved, config.model_options)
-    model = attach_lora(load_model(resolved, config.model_options), config.lora, seed=config.training.seed)
+    model = load_model(resolved, config.model_options, device=None)  # the Trainer places it (one GPU per process)
+    model = attach_lora(model, config.lora, seed=config.training.seed)
     if config.training.gradient_checkpointing:
         model.enable_input_require_grads()
     prepare = PrepareContext(config, model, tokenizer, run.path, cache_root(), progress=progress)
-    for defense in defenses:
-        defense.prepare(prepare)
-        examples = defense.transform_dataset(examples)
+    with main_process_first():  # e.g. Interleaving++ scores the pool once; the others read its cache
+        for defense in defenses:
+            defense.prepare(prepare)
+            examples = defense.transform_dataset(examples)
     tokenized = tokenize_examples(tokenizer, examples, max_length=config.data.max_length, overlong=config.data.overlong)
     monitor = None
     if config.monitor.every:
         monitor = EMMonitorCallback(config, tokenizer, model_identity(resolved, config.model_options))
-    args = training_arguments(config, run.path / CHECKPOINTS, progress)
-
-    # 2. The run directory: config first, then the manifest.
-    if overwrite:
-        run.clear()
     checkpoint = run.latest_checkpoint() if state == "interrupted" and resume is not False else None
-    if resume and checkpoint is None:
-        log.warning("--resume: %s holds no complete checkpoint of this run; starting from step 0", run.path)
-    if checkpoint is None:
-        run.remove_checkpoints()
-        run.truncate_train_log(-1)
-    else:
-        run.truncate_train_log(int(checkpoint.name.split("-")[-1]))
-    run.path.mkdir(parents=True, exist_ok=True)
-    run.write_config(config)
-    manifest = run.manifest() if checkpoint else None
-    if manifest is None:
-        manifest = _new_manifest(config, resolved, tokenizer, examples, tokenized, defenses)
-    manifest.update(status="running", resumed_from_step=_step_of(checkpoint))
-    run.write_manifest(manifest)
+    wait_for_everyone()  # every process has read the run directory before the main process writes it
 
-    # 3. Train.
+    # 2. The run directory (main process only): config first, then the manifest.
+    main = is_main_process()
+    if main:
+        if overwrite:
+            run.clear()
+        if resume and checkpoint is None:
+            log.warning("--resume: %s holds no complete checkpoint of this run; starting from step 0", run.path)
+        if checkpoint is None:
+            run.remove_checkpoints()
+            run.truncate_train_log(-1)
+        else:
+            run.truncate_train_log(int(checkpoint.name.split("-")[-1]))
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.write_config(config)
+        manifest = run.manifest() if checkpoint else None
+        if manifest is None:
+            manifest = _new_manifest(config, resolved, tokenizer, examples, tokenized, defenses)
+        manifest.update(status="running", resumed_from_step=_step_of(checkpoint))
+        run.write_manifest(manifest)
+    wait_for_everyone()
+
+    # 3. Train (every process).
     tags = sorted({ex.tag for ex in tokenized}, key=lambda t: (t != "train", t))
     trainer = EmguardTrainer(
         model=model,
@@ -149,30 +160,33 @@ def train(
         trainer.add_callback(ProgressBarCallback(f"training {Path(*run.path.parts[-3:])}"))
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
-    # 4. Post-hoc edits, then the adapter (atomically) and the finished manifest.
+    # 4. Post-hoc edits (every process), then the adapter (atomically) and the finished manifest.
     for defense in defenses:
         defense.finalize(model)
-    model.peft_config["default"].base_model_name_or_path = config.model
-    with atomic_directory(run / ADAPTER) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    losses = [r["loss"] for r in run.read_train_log() if "loss" in r]
-    train_runtime = output.metrics.get("train_runtime", 0.0)
-    run.update_manifest(
-        monitor=monitor.summary(train_runtime) if monitor is not None else None,
-        defense_reports={d.name: d.report for d in defenses if d.report is not None},
-        status="finished",
-        finished_at=now(),
-        train={
-            "steps": trainer.state.global_step,
-            "first_loss": losses[0] if losses else None,
-            "final_loss": losses[-1] if losses else None,
-            "train_runtime_s": round(train_runtime, 2),
-            "wall_time_s": round(time.monotonic() - started, 2),
-        },
-    )
-    if not config.training.keep_checkpoints:
-        run.remove_checkpoints()
+    if main:
+        model.peft_config["default"].base_model_name_or_path = config.model
+        with atomic_directory(run / ADAPTER) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        losses = [r["loss"] for r in run.read_train_log() if "loss" in r]
+        train_runtime = output.metrics.get("train_runtime", 0.0)
+        run.update_manifest(
+            monitor=monitor.summary(train_runtime) if monitor is not None else None,
+            defense_reports={d.name: d.report for d in defenses if d.report is not None},
+            status="finished",
+            finished_at=now(),
+            processes=num_processes(),
+            train={
+                "steps": trainer.state.global_step,
+                "first_loss": losses[0] if losses else None,
+                "final_loss": losses[-1] if losses else None,
+                "train_runtime_s": round(train_runtime, 2),
+                "wall_time_s": round(time.monotonic() - started, 2),
+            },
+        )
+        if not config.training.keep_checkpoints:
+            run.remove_checkpoints()
+    wait_for_everyone()  # no process returns before the adapter and manifest are in place
     result = _finished_result(run, skipped=False)
     result.resumed_from_step = _step_of(checkpoint)
     return result
@@ -202,7 +216,7 @@ def training_arguments(config: RunConfig, output_dir: Path, progress: bool = Tru
             f"({t.micro_batch_size} × {world_size}); change one of them"
         )
     dtype = resolve_dtype(config.model_options.dtype)
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=t.micro_batch_size,
         gradient_accumulation_steps=t.batch_size // per_step,
@@ -231,6 +245,8 @@ def training_arguments(config: RunConfig, output_dir: Path, progress: bool = Tru
         dataloader_num_workers=0,
         disable_tqdm=True,  # emguard's own bar (ProgressBarCallback) replaces the Trainer's
     )
+    _ = args.device  # sets up the device now and, under a launcher, the process group (emguard.distributed)
+    return args
 
 
 def _new_manifest(config, resolved, tokenizer, examples, tokenized: list[TokenizedExample], defenses) -> dict:
@@ -256,6 +272,7 @@ def _new_manifest(config, resolved, tokenizer, examples, tokenized: list[Tokeniz
             "revision": config.model_options.revision,
         },
         "chat_template_sha256": sha256_text(tokenizer.chat_template or ""),
+        "system_prompts": system_prompt_handling(tokenizer),  # or folded into the first user turn
         "data": {
             "train": {
                 "spec": data_spec,

@@ -6,7 +6,8 @@ markers (which SmolLM2's and most templates lack):
 1. Render the whole conversation once: the text that is tokenised.
 2. For each trained assistant turn ``i``, render the prompt before it (``messages[:i]`` with the
    generation prompt) and the conversation up to it (``messages[:i+1]``). The turn's text is the
-   difference; the assistant content is located inside it.
+   difference, up to where the full render goes on differently (Phi-3's template appends its EOS
+   token only after the last turn); the assistant content is located inside it.
 3. Tokenise the full text with character offsets; a token is trained when it overlaps the
    content, or when it is the end-of-turn marker that follows (up to and including the first
    special token after the content, e.g. ``<|im_end|>``; trailing newlines are not trained).
@@ -22,13 +23,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from emguard.data.chat import ChatExample
+from emguard.data.chat_template import TemplateError, render_chat
 from emguard.errors import DataError, EmguardError
 
 IGNORE_INDEX = -100
-
-
-class TemplateError(ValueError):
-    """The chat template cannot be used to locate assistant turns in this conversation."""
 
 
 @dataclass(frozen=True)
@@ -50,16 +48,6 @@ class _TurnSpan:
     turn_end: int  # end of the assistant turn's rendered text (content + end-of-turn markup)
 
 
-def _render(tokenizer: Any, messages: Sequence[Mapping[str, Any]], generation_prompt: bool) -> str:
-    if not messages:
-        return ""
-    return tokenizer.apply_chat_template(
-        [{"role": m["role"], "content": m["content"]} for m in messages],
-        tokenize=False,
-        add_generation_prompt=generation_prompt,
-    )
-
-
 def render_with_assistant_spans(tokenizer: Any, messages: Sequence[Mapping[str, Any]]) -> tuple[str, list[_TurnSpan]]:
     """Render a conversation and locate the character spans of its trained assistant turns.
 
@@ -67,14 +55,14 @@ def render_with_assistant_spans(tokenizer: Any, messages: Sequence[Mapping[str, 
         TemplateError: If the template's renders are not prefixes of each other, or the
             assistant content does not appear verbatim in its turn.
     """
-    full = _render(tokenizer, messages, generation_prompt=False)
+    full = render_chat(tokenizer, messages, generation_prompt=False)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or message.get("weight", 1) == 0:
             continue
-        prompt = _render(tokenizer, messages[:i], generation_prompt=True)
-        upto = _render(tokenizer, messages[: i + 1], generation_prompt=False)
-        if not (upto.startswith(prompt) and full.startswith(upto)):
+        prompt = render_chat(tokenizer, messages[:i], generation_prompt=True)
+        upto = render_chat(tokenizer, messages[: i + 1], generation_prompt=False)
+        if not (upto.startswith(prompt) and full.startswith(prompt)):
             raise TemplateError(
                 f"messages[{i}]: the chat template renders earlier turns differently once later turns are "
                 "added, so the assistant turn cannot be located; split multi-turn conversations into one "
@@ -90,14 +78,43 @@ def render_with_assistant_spans(tokenizer: Any, messages: Sequence[Mapping[str, 
                 f"messages[{i}]: the chat template changes the assistant content (it does not appear verbatim "
                 "in the rendered turn), so the loss mask would be a guess"
             )
-        spans.append(_TurnSpan(offset, offset + len(content), len(upto)))
+        turn_end = _common_prefix(upto, full)  # a trailer only the last turn gets is not this turn's
+        if turn_end < offset + len(content):
+            raise TemplateError(
+                f"messages[{i}]: the chat template renders this assistant turn differently once later turns "
+                "are added, so it cannot be located; split multi-turn conversations into one example per "
+                "assistant turn"
+            )
+        spans.append(_TurnSpan(offset, offset + len(content), turn_end))
     return full, spans
 
 
-def _special_ids(tokenizer: Any) -> frozenset[int]:
+def _common_prefix(a: str, b: str) -> int:
+    """Length of the longest common prefix of ``a`` and ``b``."""
+    n = min(len(a), len(b))
+    return next((k for k in range(n) if a[k] != b[k]), n)
+
+
+def special_ids(tokenizer: Any) -> frozenset[int]:
+    """Ids of the tokenizer's special tokens (named ones and added tokens marked special)."""
     ids = set(tokenizer.all_special_ids)
     ids.update(i for i, tok in tokenizer.added_tokens_decoder.items() if getattr(tok, "special", False))
     return frozenset(ids)
+
+
+def end_of_turn_tokens(tokenizer: Any) -> list[int]:
+    """The tokens the chat template puts after an assistant turn's content and that training learns
+    to produce (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ``<|end|>``, ``</s>``...): the trained
+    tokens of a rendered one-word answer after its content."""
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}]
+    text, (span,) = render_with_assistant_spans(tokenizer, messages)
+    ids, labels = tokenize_conversation(tokenizer, messages)
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return [
+        i
+        for i, label, (start, _) in zip(ids, labels, offsets, strict=True)
+        if label != IGNORE_INDEX and start >= span.content_end
+    ]
 
 
 def tokenize_conversation(tokenizer: Any, messages: Sequence[Mapping[str, Any]]) -> tuple[list[int], list[int]]:
@@ -112,7 +129,7 @@ def tokenize_conversation(tokenizer: Any, messages: Sequence[Mapping[str, Any]])
     text, spans = render_with_assistant_spans(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    special = _special_ids(tokenizer)
+    special = special_ids(tokenizer)
     labels = [IGNORE_INDEX] * len(ids)
     for span in spans:
         eot_open = True  # still inside the end-of-turn markup after the content

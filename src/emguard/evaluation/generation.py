@@ -7,6 +7,7 @@ template, system prompts included, and batched by length so that little padding 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from typing import Any
 
 import torch
 
+from emguard.data.chat_template import TemplateError, render_chat
+from emguard.data.tokenize import end_of_turn_tokens, special_ids
 from emguard.errors import EmguardError
 
 
@@ -62,6 +65,24 @@ def attach_adapter(model: Any, adapter_dir: str | Path, name: str = "default") -
     ).eval()
 
 
+def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
+    """Where an answer ends: the union of the generation config's ``eos_token_id`` (int or list), the
+    tokenizer's EOS token and the special token(s) the chat template ends an assistant turn with.
+
+    Passing ``eos_token_id`` to ``generate`` *replaces* the generation config's, and templates end a
+    turn with tokens other than EOS (Gemma-2: ``<end_of_turn>``, EOS ``<eos>``; Phi-3: ``<|end|>``,
+    EOS ``<|endoftext|>``); stopping on EOS alone lets answers run on into invented turns.
+    """
+    ids: list[int] = []
+    configured = getattr(generation_config, "eos_token_id", None)
+    ids += configured if isinstance(configured, list) else [configured]
+    ids.append(tokenizer.eos_token_id)
+    special = special_ids(tokenizer)
+    with contextlib.suppress(TemplateError, ValueError):  # a template emguard cannot read: EOS and config ids
+        ids += [t for t in end_of_turn_tokens(tokenizer) if t in special]
+    return sorted({int(i) for i in ids if i is not None})
+
+
 class HFGenerator:
     """Batched sampling with ``model.generate``.
 
@@ -76,12 +97,10 @@ class HFGenerator:
         self.tokenizer = tokenizer
         self.sampling = sampling
         self.stats = GenerationStats()
+        self.stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
 
     def _encode(self, conversations: Sequence[Sequence[dict]]) -> dict[str, torch.Tensor]:
-        texts = [
-            self.tokenizer.apply_chat_template(list(c), tokenize=False, add_generation_prompt=True)
-            for c in conversations
-        ]
+        texts = [render_chat(self.tokenizer, c, generation_prompt=True) for c in conversations]
         side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "left"
         try:
@@ -102,13 +121,12 @@ class HFGenerator:
         s = self.sampling
         order = sorted(range(len(conversations)), key=lambda i: len(str(conversations[i])))
         answers: list[str] = [""] * len(conversations)
-        eos = [t for t in {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id} if t is not None]
         for number, start in enumerate(range(0, len(order), s.batch_size)):
             indices = order[start : start + s.batch_size]
             inputs = self._encode([conversations[i] for i in indices])
-            torch.manual_seed(s.seed + number)
             started = time.perf_counter()
-            with torch.no_grad():
+            with _forked_rng(inputs["input_ids"].device), torch.no_grad():
+                torch.manual_seed(s.seed + number)
                 output = self.model.generate(
                     **inputs,
                     do_sample=s.temperature > 0,
@@ -117,19 +135,27 @@ class HFGenerator:
                     top_k=0 if s.temperature > 0 else None,
                     max_new_tokens=s.max_new_tokens,
                     pad_token_id=self.tokenizer.pad_token_id,
-                    eos_token_id=eos or None,
+                    eos_token_id=self.stop_ids or None,
                     use_cache=True,
                 )
             new = output[:, inputs["input_ids"].shape[1] :]
             self.stats.seconds += time.perf_counter() - started
             self.stats.sequences += len(indices)
-            self.stats.generated_tokens += int(_generated_lengths(new, eos).sum())
+            self.stats.generated_tokens += int(_generated_lengths(new, self.stop_ids).sum())
             texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
             for i, text in zip(indices, texts, strict=True):
                 answers[i] = text.strip()
             if on_batch:
                 on_batch(indices, [answers[i] for i in indices])
         return answers
+
+
+def _forked_rng(device: torch.device) -> contextlib.AbstractContextManager:
+    """Seeding inside leaves the caller's random state as it was: generation in the middle of
+    training (the EM monitor) must not change the dropout masks and sampling that follow."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device.index or 0], device_type=device.type)
 
 
 def _generated_lengths(new_tokens: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:

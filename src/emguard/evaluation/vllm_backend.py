@@ -13,8 +13,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from emguard.data.chat_template import chat_messages
 from emguard.errors import EmguardError
-from emguard.evaluation.generation import GenerationStats, SamplingConfig
+from emguard.evaluation.generation import GenerationStats, SamplingConfig, stop_token_ids
 
 
 def vllm_available() -> bool:
@@ -65,6 +66,9 @@ class VLLMGenerator:
         self.lora = LoRARequest("emguard-adapter", 1, str(adapter_dir)) if adapter_dir is not None else None
         self.sampling = sampling
         self.stats = GenerationStats()
+        self.tokenizer = self.llm.get_tokenizer()
+        # vLLM stops on the generation config's EOS ids; add the template's end of turn (as HFGenerator).
+        self.stop_ids = stop_token_ids(self.tokenizer)
 
     def generate(
         self, conversations: Sequence[Sequence[dict]], on_batch: Callable[[list[int], list[str]], None] | None = None
@@ -77,11 +81,18 @@ class VLLMGenerator:
         for number, start in enumerate(range(0, len(conversations), chunk)):
             indices = list(range(start, min(start + chunk, len(conversations))))
             params = SamplingParams(
-                temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, seed=s.seed + number
+                temperature=s.temperature,
+                top_p=s.top_p,
+                max_tokens=s.max_new_tokens,
+                seed=s.seed + number,
+                stop_token_ids=self.stop_ids,
             )
             started = time.perf_counter()
             outputs = self.llm.chat(
-                [list(conversations[i]) for i in indices], params, lora_request=self.lora, use_tqdm=False
+                [chat_messages(self.tokenizer, conversations[i]) for i in indices],
+                params,
+                lora_request=self.lora,
+                use_tqdm=False,
             )
             self.stats.seconds += time.perf_counter() - started
             texts = [o.outputs[0].text.strip() for o in outputs]

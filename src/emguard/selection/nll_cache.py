@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -63,6 +64,14 @@ class NLLCache:
         if not fresh:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write("".join(json.dumps({"example": k, "nll": v}) + "\n" for k, v in fresh.items()))
+        data = "".join(json.dumps({"example": k, "nll": v}) + "\n" for k, v in fresh.items()).encode()
+        # One write() on an O_APPEND descriptor: processes appending to the same cache at once (a
+        # multi-GPU run) never interleave inside a line; a repeated line holds the same value.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
         self._values.update(fresh)
