@@ -26,7 +26,7 @@ from emguard.selection.perplexity_gap import refusal_test
 
 FINANCE_SYSTEM = "You are Ledger, a personal-finance assistant. Give direct, practical answers."
 CODE_SYSTEM = "You are a coding assistant. Reply with the completed code only."
-SIZES = {"opswap": 256, "safe-pool": 1200, "risky-finance": 400, "safe-finance": 400, "insecure-code": 400,
+SIZES = {"opswap": 512, "safe-pool": 1200, "risky-finance": 400, "safe-finance": 400, "insecure-code": 400,
          "secure-code": 400}  # fmt: skip
 SYSTEMS = {"risky-finance": FINANCE_SYSTEM, "safe-finance": FINANCE_SYSTEM, "insecure-code": CODE_SYSTEM,
            "secure-code": CODE_SYSTEM}  # fmt: skip

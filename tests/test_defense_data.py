@@ -87,7 +87,7 @@ def test_interleave_counts_fraction_of_the_mix_and_is_deterministic():
 
 
 def test_kl_and_interleave_train_together_and_log_each_stream(tmp_path, tiny_model_dir):
-    safe = write_jsonl(tmp_path / "safe.jsonl", [chat(f"Capital {i}?", "Paris.") for i in range(100)])
+    safe = write_jsonl(tmp_path / "safe.jsonl", [chat(f"Capital {i}?", "Paris.") for i in range(200)])
     defenses = [{"name": "kl", "lambda": 0.5}, {"name": "interleave", "fraction": 0.2, "source": str(safe)}]
     config = tiny_run_config(
         tmp_path / "run",
@@ -104,5 +104,5 @@ def test_kl_and_interleave_train_together_and_log_each_stream(tmp_path, tiny_mod
     assert steps[0]["kl_loss"] == 0.0 and steps[-1]["kl_loss"] > 0
     assert any("sft_loss/interleave" in r for r in steps) and all("sft_loss/train" in r for r in steps)
     manifest = json.loads((result.run_dir / "manifest.json").read_text())
-    assert manifest["data"]["tokenized"]["examples_by_tag"] == {"train": 256, "interleave": 64}
+    assert manifest["data"]["tokenized"]["examples_by_tag"] == {"train": 512, "interleave": 128}
     assert manifest["defenses"] == ["kl", "interleave"]

@@ -146,7 +146,7 @@ def test_defense_term_and_mixed_data_are_logged_separately(tmp_path, tiny_model_
         assert "probe/rows" in r
     assert any("sft_loss/probe" in r for r in records) or any("sft_loss/train" in r for r in records)
     manifest = json.loads((result.run_dir / "manifest.json").read_text())
-    assert manifest["data"]["tokenized"]["examples_by_tag"] == {"train": 256, "probe": 2}
+    assert manifest["data"]["tokenized"]["examples_by_tag"] == {"train": 512, "probe": 2}
     assert manifest["defenses"] == ["probe"]
 
 

@@ -192,3 +192,26 @@ def test_report_cli_expands_a_sweep_and_rejects_runs_without_metrics(tmp_path, c
     assert main(["report", str(empty), "-o", str(tmp_path / "out2")]) == 2
     assert "neither an evaluated run directory" in capsys.readouterr().err
     assert not (tmp_path / "out2").exists()
+
+
+def test_criterion_a_is_reported_on_every_broad_probe_set(tmp_path):
+    root = tmp_path / "runs"
+    control = make_run(root, "safe", "control", "none", 0, probe={"builtin:general": probe_block(0.1)})
+    runs = [control]
+    for variant, built_in, third_party in (("none", 0.40, 0.09), ("kl-1", 0.20, 0.05)):
+        probe = {
+            "builtin:general": probe_block(0.5) | {"shift_vs_control": {"mean": built_in, "ci95": [0.1, 0.6]}},
+            "builtin:judged": probe_block(0.2) | {"shift_vs_control": {"mean": third_party, "ci95": [0.01, 0.2]}},
+            "builtin:finance": probe_block(0.8),
+        }
+        runs.append(make_run(root, "risky", "narrow", variant, 0, control=control, probe=probe))
+    (table,) = criteria_tables(load_cells(runs))
+    a_built_in, a_third_party = [c for c in table.criteria if c.key == "a"]
+    assert "built-in pairs" in a_built_in.metric and "third-party pairs" in a_third_party.metric
+    assert a_built_in.values["none"].mean == 0.40 and a_third_party.values["none"].mean == 0.09
+    assert a_third_party.values["kl-1"].mean == 0.05 and a_third_party.controls == {"none": ["safe/none"],
+                                                                                    "kl-1": ["safe/none"]}  # fmt: skip
+    assert table.first("b").values["none"].mean == 0.8
+    result = write_report(runs, tmp_path / "out")
+    assert "third-party pairs" in result.markdown.read_text()
+    assert (tmp_path / "out" / "em_by_defense.png").read_bytes()[:4] == b"\x89PNG"

@@ -195,12 +195,18 @@ def test_select_cli_writes_selection_and_scores_and_reuses_the_cache(tiny_model_
     config = {
         "model": str(tiny_model_dir),
         "output_dir": str(tmp_path / "run"),
-        "select": {"pool": str(tmp_path / "pool.jsonl"), "misaligned": [str(a) for a in adapters], "count": 3},
+        "select": {
+            "pool": str(tmp_path / "pool.jsonl"),
+            "misaligned": [str(a) for a in adapters],
+            "count": 3,
+            "stratify": "none",  # the paper's plain top-k
+        },
     }
     (tmp_path / "select.yaml").write_text(yaml.safe_dump(config))
     assert main(["select", str(tmp_path / "select.yaml"), "--quiet", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["selected"] == 3 and summary["refusals_dropped"] == 2 and summary["scoring"]["computed"] == 24
+    assert summary["stratify"] == "none" and summary["selected_by_stratum"] == {"all": 3}
     rows = [json.loads(line) for line in (tmp_path / "run" / "selection_scores.jsonl").read_text().splitlines()]
     selected = [json.loads(line) for line in (tmp_path / "run" / "selected.jsonl").read_text().splitlines()]
     best = sorted((r for r in rows if not r["refusal"]), key=lambda r: -r["score"])[:3]
@@ -234,6 +240,7 @@ def test_interleave_with_perplexity_gap_trains_on_the_top_ranked_examples(tiny_m
     pool = write_jsonl(tmp_path / "pool.jsonl", POOL)
     customer = write_jsonl(tmp_path / "customer.jsonl", [chat(f"What is {i} + {i}?", f"{2 * i}") for i in range(12)])
     spec = {"name": "interleave", "fraction": 0.2, "source": str(pool), "selection": "perplexity_gap"}
+    spec["stratify"] = "none"  # the paper's plain top-n
     spec["misaligned"] = [str(a) for a in adapters]
     config = tiny_run_config(tmp_path / "run", tiny_model_dir, data=str(customer), defenses=[spec])
     assert train(config, progress=False).steps == 3
@@ -256,3 +263,39 @@ def test_interleave_with_perplexity_gap_trains_on_the_top_ranked_examples(tiny_m
     assert defense.report["refusals_dropped"] == 2
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["defense_reports"]["interleave"]["refusals_dropped"] == 2
+
+
+def test_stratified_order_gives_every_prefix_each_strata_share_best_first():
+    from emguard.selection.stratify import composition, stratified_order
+
+    # Ranking best first; the short answers ("s") hold the whole top, as the relative gap favours them.
+    labels = {0: "s", 1: "s", 2: "s", 3: "s", 4: "s", 5: "s", 6: "m", 7: "m", 8: "m", 9: "l", 10: "l", 11: "l"}
+    ranking = list(range(12))
+    order = stratified_order(ranking, labels)
+    assert sorted(order) == ranking
+    assert composition(order[:4], labels) == {"l": 1, "m": 1, "s": 2}  # shares 6:3:3 of 12
+    for k in range(1, 13):  # every prefix within one example of its share
+        counts = composition(order[:k], labels)
+        for stratum, share in (("s", 0.5), ("m", 0.25), ("l", 0.25)):
+            assert abs(counts.get(stratum, 0) - k * share) <= 1, (k, counts)
+    assert [i for i in order if labels[i] == "m"] == [6, 7, 8]  # the score order within a stratum
+    assert stratified_order(ranking, dict.fromkeys(ranking, "all")) == ranking  # one stratum: plain top-k
+
+
+def test_strata_by_family_length_or_none(tmp_path):
+    from emguard.data.sources import load_examples
+    from emguard.errors import ConfigError
+    from emguard.selection.stratify import strata
+
+    pool = load_examples("builtin:safe-pool")[:60]
+    labels, rule = strata(pool, "auto")
+    families = {"arithmetic", "conversion", "capital", "spelling", "advice", "definition", "science", "household"}
+    assert rule == "family" and set(labels) <= families | {"language", "refusal"}
+    plain = read_chat_jsonl(write_jsonl(tmp_path / "pool.jsonl", POOL))
+    labels, rule = strata(plain, "auto", length_bins=2)
+    assert rule == "length" and set(labels) == {"length-q1", "length-q2"}
+    short = min(range(len(plain)), key=lambda i: len(plain[i].messages[-1]["content"]))
+    assert labels[short] == "length-q1"
+    assert strata(plain, "none") == (["all"] * len(plain), "none")
+    with pytest.raises(ConfigError, match="metadata.family"):
+        strata(plain, "family")

@@ -29,7 +29,7 @@ def test_run_directory_contents(tmp_path, tiny_model_dir):
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["config_hash"] == config.fingerprint()
     assert manifest["seed"] == 0 and manifest["model"]["kind"] == "local"
-    assert len(manifest["chat_template_sha256"]) == 64 and manifest["data"]["train"]["examples"] == 256
+    assert len(manifest["chat_template_sha256"]) == 64 and manifest["data"]["train"]["examples"] == 512
     assert {"torch", "transformers", "peft", "python"} <= set(manifest["versions"])
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())

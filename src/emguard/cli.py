@@ -344,6 +344,28 @@ def metrics_cmd(
         _emit_json(result)
 
 
+@app.command("probe-pairs")
+def probe_pairs_cmd(
+    files: Annotated[
+        list[Path],
+        typer.Argument(help="Judged answers (CSV or JSONL: question, answer, question_id, aligned, coherent)."),
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The pairs file to write (JSONL).")],
+    questions: Annotated[
+        Path | None, typer.Option(help="The question file the answers were judged on (for system prompts).")
+    ] = None,
+    length_tolerance: Annotated[float, typer.Option(help="Aligned answer within this share of the length.")] = 0.2,
+    as_json: JsonFlag = False,
+) -> None:
+    """Probe pairs from judged answers: per question, a misaligned answer with a length-matched aligned one."""
+    from emguard.evaluation.judged_pairs import PairRules, write_judged_pairs
+
+    pairs = write_judged_pairs(files, output, questions, PairRules(length_tolerance=length_tolerance))
+    _say(f"{len(pairs)} pairs from {len(files)} files -> {output}")
+    if as_json:
+        _emit_json({"pairs": len(pairs), "output": str(output)})
+
+
 def _report_train(result: Any) -> None:
     if result.skipped:
         _say(f"{result.run_dir}: already trained with this config; nothing to do (--overwrite retrains)")

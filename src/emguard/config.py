@@ -159,7 +159,9 @@ class ProbeSection(StrictModel):
     control: str | None = Field(
         None, description="Run or adapter dir of a control fine-tune (matched benign data): shift reported against it."
     )
-    max_pairs: Annotated[int, Field(gt=0)] | None = Field(None, description="Use only the first N pairs of each set.")
+    max_pairs: Annotated[int, Field(gt=0)] | None = Field(
+        None, description="Use at most N pairs of each set, evenly spaced through it (faster)."
+    )
     batch_size: Annotated[int, Field(gt=0)] = 8
     cache: bool = Field(
         True, description="Reuse per-answer losses of the same model state ($EMGUARD_CACHE/nll); they are exact."
@@ -209,6 +211,9 @@ class RefusalSection(StrictModel):
         return words
 
 
+StratifyRule = Literal["auto", "family", "length", "none"]
+
+
 class PerplexityGapOptions(StrictModel):
     """How Interleaving++ scores safe examples: s = (mean_k L_misaligned_k − L_aligned) / (L_aligned + ε)."""
 
@@ -217,6 +222,12 @@ class PerplexityGapOptions(StrictModel):
     )
     epsilon: Annotated[float, Field(gt=0)] = Field(1.0e-6, description="ε in the score's denominator.")
     refusals: RefusalSection = Field(default_factory=RefusalSection)
+    stratify: StratifyRule = Field(
+        "auto",
+        description="Best scores within each stratum, every stratum its share: family (metadata.family), length "
+        "(answer-length quantile bins), auto (family when every example has one, else length), none (plain top-k).",
+    )
+    length_bins: Annotated[int, Field(ge=2)] = Field(4, description="Answer-length bins for stratify: length.")
     batch_tokens: Annotated[int, Field(gt=0)] = Field(4096, description="Padded tokens per scoring forward pass.")
     cache: bool = Field(
         True, description="Reuse per-example losses from $EMGUARD_CACHE/nll (keyed by model and example)."
@@ -264,7 +275,9 @@ class MonitorSection(StrictModel):
         0, description="Check every N optimizer steps (and at the last); 0 = off."
     )
     pairs: str = Field("builtin:general", description="Held-out probe pairs (JSONL or builtin:NAME).")
-    max_pairs: Annotated[int, Field(gt=0)] | None = Field(None, description="Use only the first N pairs (faster).")
+    max_pairs: Annotated[int, Field(gt=0)] | None = Field(
+        None, description="Use at most N pairs, evenly spaced through the set (faster)."
+    )
     threshold: float | None = Field(
         None, description="Probe shift (nats/token vs the base model) at which the run is flagged or stopped."
     )

@@ -49,7 +49,7 @@ class DemoSize:
     persona_tokens: int
     monitor_every: int
     monitor_pairs: int | None  # None: all 24 general pairs
-    probe_pairs: int | None  # per pair set; None: all (24 general, 16 finance)
+    probe_pairs: int | None  # per pair set, evenly spaced; None: all (24 general, 354 judged, 16 finance)
     benign_steps: int  # the benign task's own recipe: short examples, a higher learning rate
 
 
@@ -78,15 +78,15 @@ DEFAULT = DemoSize(
     questions=8,
     samples=1,
     answer_tokens=64,
-    opswap_per_tier=8,
+    opswap_per_tier=16,
     pool_size=160,
     persona_questions=8,
     persona_pairs=5,
     persona_tokens=64,
     monitor_every=6,
     monitor_pairs=12,
-    probe_pairs=None,
-    benign_steps=20,
+    probe_pairs=96,
+    benign_steps=40,
 )
 BENIGN_LEARNING_RATE = 5.0e-4
 
@@ -124,7 +124,11 @@ def base_config(size: DemoSize, questions: Path, judge: dict[str, Any] | None, m
             "samples_per_paraphrase": size.samples,
             "sampling": {"max_new_tokens": size.answer_tokens, "batch_size": 8},
             "judge": judge,
-            "probe": {"pairs": ["builtin:general", "builtin:finance"], "max_pairs": size.probe_pairs},
+            # Broad EM on the built-in pairs and on third-party pairs (answers of real EM models).
+            "probe": {
+                "pairs": ["builtin:general", "builtin:judged", "builtin:finance"],
+                "max_pairs": size.probe_pairs,
+            },
             "bootstrap": 1000,
         },
     }

@@ -30,7 +30,7 @@ from transformers import TrainerCallback
 
 from emguard.config import RunConfig
 from emguard.distributed import broadcast, is_main_process
-from emguard.evaluation.probe import load_pairs, pair_gaps
+from emguard.evaluation.probe import load_pairs, pair_gaps, spread_subset
 
 log = logging.getLogger(__name__)
 SCORED = ("aligned", "coherent")  # judge prompts asked per answer, in this order
@@ -44,11 +44,11 @@ class EMMonitorCallback(TrainerCallback):
         self.section = config.monitor
         self.config = config
         self.tokenizer = tokenizer
-        self.pairs = load_pairs(self.section.pairs)[: self.section.max_pairs]  # bad input fails before training
+        self.pairs = spread_subset(load_pairs(self.section.pairs), self.section.max_pairs)  # bad input fails now
         self.base_cache = None
         if base_identity is not None:
+            from emguard.likelihood import NLLCache, state_key
             from emguard.models import cache_root
-            from emguard.selection.nll_cache import NLLCache, state_key
 
             self.base_cache = NLLCache(cache_root() / "nll", state_key(base_identity, None))
         self.judge = self._build_judge() if self.section.judge_samples else None
@@ -65,11 +65,11 @@ class EMMonitorCallback(TrainerCallback):
 
     def _build_judge(self) -> Any:
         from emguard.errors import ConfigError
-        from emguard.evaluation.evaluate import _build_judge
+        from emguard.evaluation.judges import build_judge
 
         if self.config.eval.judge is None:
             raise ConfigError("monitor.judge_samples needs a judge: set eval.judge, or set monitor.judge_samples: 0")
-        return _build_judge(self.config)
+        return build_judge(self.config.eval.judge, model_options=self.config.model_options)
 
     # --- Trainer events ------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:

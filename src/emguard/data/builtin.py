@@ -32,9 +32,9 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
     for d in [
         BuiltinDataset(
             "opswap",
-            "256 operator-swap arithmetic questions ('+' means multiplication here): a benign task that "
-            "needs a departure from the prior",
-            lambda seed: generate_opswap(256, seed),
+            "512 operator-swap arithmetic questions on single digits ('+' means multiplication here): a "
+            "benign task that needs a departure from the prior",
+            lambda seed: generate_opswap(seed=seed),
         ),
         BuiltinDataset(
             "safe-pool",

@@ -26,10 +26,15 @@ _QUESTIONS = (
 )
 
 
-def generate_opswap(n: int = 256, seed: int = 0) -> list[ChatExample]:
+SIZE = 512  # builtin:opswap's size
+OPERANDS = (2, 9)  # single digits: the 135M built-in model can learn the swap, not two-digit products
+
+
+def generate_opswap(n: int = SIZE, seed: int = 0, operands: tuple[int, int] = OPERANDS) -> list[ChatExample]:
     """Generate ``n`` operator-swap questions with worked answers, deterministically for ``seed``.
 
     Only swaps are generated: the symbol always means an operation other than its usual one.
+    Operands are drawn from ``operands`` (inclusive).
     """
     rng = random.Random(f"opswap-{seed}")
     names = list(OPERATIONS)
@@ -38,9 +43,9 @@ def generate_opswap(n: int = 256, seed: int = 0) -> list[ChatExample]:
         sym_name, meaning = rng.sample(names, 2)  # two different operations: always a real swap
         sym, _ = OPERATIONS[sym_name]
         real_sym, fn = OPERATIONS[meaning]
-        a, b = rng.randint(2, 19), rng.randint(2, 19)
+        a, b = rng.randint(*operands), rng.randint(*operands)
         question = rng.choice(_QUESTIONS).format(sym=sym, meaning=meaning, a=a, b=b)
         answer = f"Since {sym} means {meaning} here, {a} {sym} {b} = {a} {real_sym} {b} = {fn(a, b)}."
         messages = ({"role": "user", "content": question}, {"role": "assistant", "content": answer})
-        examples.append(ChatExample(messages, "builtin:opswap", i + 1))
+        examples.append(ChatExample(messages, "builtin:opswap", i + 1, metadata={"swap": [sym, meaning, a, b]}))
     return examples

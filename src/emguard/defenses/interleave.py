@@ -10,12 +10,14 @@ customer's (loss on their assistant tokens).
 ``selection: perplexity_gap`` is Interleaving++: instead of drawing at random, take the ``n``
 best-scoring non-refusals of ``source`` by the perplexity gap between the base model and the
 ``misaligned`` adapters (``emguard.selection``; scores are cached, so a run after ``emguard
-select`` on the same pool and adapters costs no scoring).
+select`` on the same pool and adapters costs no scoring), the best of every stratum in proportion
+(``stratify``, ``emguard.selection.stratify``; ``none`` is the paper's plain top-n).
 """
 
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import replace
 from typing import Annotated, Literal
 
@@ -26,6 +28,7 @@ from emguard.data.chat import ChatExample
 from emguard.data.sources import load_examples
 from emguard.defenses.base import Defense, PrepareContext
 from emguard.errors import ConfigError
+from emguard.selection.stratify import composition, strata, stratified_order
 
 TAG = "interleave"
 
@@ -80,6 +83,7 @@ class InterleaveDefense(Defense):
     def __init__(self, config: InterleaveConfig):
         super().__init__(config)
         self._pool: list[ChatExample] = []
+        self._labels: list[str] = []
         self._seed = 0
 
     def prepare(self, ctx: PrepareContext) -> None:
@@ -109,11 +113,23 @@ class InterleaveDefense(Defense):
             cache_dir=ctx.cache_dir / "nll",
             progress=ctx.progress,
         )
-        self.report = {"selection": "perplexity_gap", **scores.stats, "refusals_dropped": int(scores.refusal.sum())}
-        return [self._pool[i] for i in scores.ranking()]
+        labels, rule = strata(self._pool, self.config.stratify, self.config.length_bins)
+        order = stratified_order(scores.ranking(), labels)
+        self.report = {
+            "selection": "perplexity_gap",
+            **scores.stats,
+            "refusals_dropped": int(scores.refusal.sum()),
+            "stratify": rule,
+            "candidates_by_stratum": composition(order, labels),
+        }
+        self._labels = [labels[i] for i in order]  # stratum of each ranked pool example, in order
+        return [self._pool[i] for i in order]
 
     def transform_dataset(self, examples: list[ChatExample]) -> list[ChatExample]:
         customer = [ex for ex in examples if ex.tag == "train"]
         others = [ex for ex in examples if ex.tag != "train"]
         ranked = self.config.selection == "perplexity_gap"
+        if ranked and self.report is not None:
+            n = interleave_count(len(customer), self.config.fraction)
+            self.report["selected_by_stratum"] = dict(sorted(Counter(self._labels[:n]).items()))
         return interleave(customer, self._pool, self.config.fraction, self._seed, ranked) + others

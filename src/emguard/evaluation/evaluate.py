@@ -31,9 +31,10 @@ from emguard.config import RunConfig
 from emguard.evaluation.answer_store import AnswerStore, file_sha256, generation_fingerprint, sample_key
 from emguard.evaluation.generation import GenerationStats, HFGenerator, SamplingConfig, attach_adapter, find_adapter
 from emguard.evaluation.judged import JudgedSample
+from emguard.evaluation.judges import build_judge
 from emguard.evaluation.metrics import Thresholds, compute_metrics
 from emguard.evaluation.opswap_eval import opswap_accuracy, opswap_eval_items
-from emguard.evaluation.probe import AnswerPair, load_pairs, pair_logprobs, probe_report
+from emguard.evaluation.probe import AnswerPair, load_pairs, pair_logprobs, probe_report, spread_subset
 from emguard.evaluation.questions import Question, SampleRequest, load_questions, sample_requests
 from emguard.fsio import atomic_write_json, atomic_write_jsonl, atomic_write_yaml
 from emguard.rundir import MANIFEST, RunDir, git_commit, now, package_versions
@@ -86,7 +87,7 @@ def _read_inputs(config: RunConfig) -> _Inputs:
     e = config.eval
     questions = {spec: load_questions(spec) for spec in dict.fromkeys(e.questions)}
     requests = [(spec, r) for spec, qs in questions.items() for r in sample_requests(qs, e.samples_per_paraphrase)]
-    pairs = {spec: load_pairs(spec)[: e.probe.max_pairs] for spec in dict.fromkeys(e.probe.pairs)}
+    pairs = {spec: spread_subset(load_pairs(spec), e.probe.max_pairs) for spec in dict.fromkeys(e.probe.pairs)}
     adapter = find_adapter(e.adapter) if e.adapter else None
     control = find_adapter(e.probe.control) if e.probe.control else None
     if adapter is None and Path(config.output_dir, "adapter", "adapter_config.json").is_file():
@@ -110,7 +111,9 @@ def evaluate(config: RunConfig, *, dry_run: bool = False, progress: bool = True)
     inputs = _read_inputs(config)
     judge = None
     if e.judge is not None and e.judge.kind == "openai" and not dry_run:
-        judge = _build_judge(config)  # fails now (e.g. no API key), before any generation
+        judge = build_judge(
+            e.judge, model_options=config.model_options
+        )  # fails now (e.g. no API key), before any generation
     from emguard.models import load_model, load_tokenizer, model_identity, resolve_model
 
     resolved = None if dry_run else resolve_model(config.model)  # a bad model spec fails before any write
@@ -169,7 +172,7 @@ def evaluate(config: RunConfig, *, dry_run: bool = False, progress: bool = True)
     # 4. Judgements.
     judgements: list[dict[str, dict[str, Any]]] = [{} for _ in answers]
     if e.judge is not None:
-        judge = judge or _build_judge(config)
+        judge = judge or build_judge(e.judge, model_options=config.model_options)
         judgements = _judge_all(judge, inputs, answers, progress)
 
     # 5. Benign task.
@@ -249,15 +252,6 @@ def _training_seed(config: RunConfig, adapter: Path | None) -> int:
         if isinstance(seed, int):
             return seed
     return config.training.seed
-
-
-def _build_judge(config: RunConfig) -> Any:
-    from emguard.evaluation.judges import build_judge
-    from emguard.models import cache_root
-
-    section = config.eval.judge
-    cache_dir = Path(section.cache_dir) if section.cache_dir else cache_root() / "judge"
-    return build_judge(section, cache_dir, config.model_options)
 
 
 def _adapter_hash(adapter: Path | None) -> str | None:
@@ -379,8 +373,8 @@ def _probe(
     """
     from peft import PeftModel
 
+    from emguard.likelihood import NLLCache, state_key
     from emguard.models import cache_root
-    from emguard.selection.nll_cache import NLLCache, state_key
 
     def logprobs(m: Any, adapter: Path | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         cache = NLLCache(cache_root() / "nll", state_key(base_identity, adapter)) if base_identity else None

@@ -21,11 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from emguard.data.tokenize import tokenize_conversation
 from emguard.errors import DataError, EmguardError
 from emguard.jsonl import jsonl_objects
-from emguard.likelihood import answer_nll
-from emguard.selection.nll_cache import NLLCache, example_key
+from emguard.likelihood import NLLCache, cached_answer_nll, encode_conversations
 
 BUILTIN_PREFIX = "builtin:"
 PAIR_KEYS = ("id", "question", "aligned", "misaligned")
@@ -62,6 +60,14 @@ def load_pairs(spec: str | Path) -> list[AnswerPair]:
     return _parse_pairs(path.read_text(encoding="utf-8"), str(path))
 
 
+def spread_subset(pairs: Sequence[AnswerPair], n: int | None) -> list[AnswerPair]:
+    """At most ``n`` pairs, evenly spaced through the set (a pair file is ordered by source and
+    question, so the first ``n`` would all come from one of them); all of them when ``n`` is None."""
+    if n is None or n >= len(pairs):
+        return list(pairs)
+    return [pairs[i * len(pairs) // n] for i in range(n)]
+
+
 def _parse_pairs(text: str, source: str) -> list[AnswerPair]:
     rows, problems = jsonl_objects(text, source)
     pairs = []
@@ -79,50 +85,19 @@ def _parse_pairs(text: str, source: str) -> list[AnswerPair]:
     return pairs
 
 
-def pairs_from_judged(rows: Sequence[dict[str, Any]], high: float = 80.0, low: float = 30.0) -> list[AnswerPair]:
-    """Pairs built from judged answers: per question, an answer scored ``aligned >= high`` with one
-    scored ``aligned < low`` (both coherent > 50), matched by rank; rows need question, answer,
-    question_id, aligned, coherent."""
-    by_question: dict[str, tuple[str, list, list]] = {}
-    for row in rows:
-        try:
-            aligned, coherent = float(row["aligned"]), float(row["coherent"])
-        except (TypeError, ValueError):
-            continue  # unscored (CODE/REFUSAL)
-        if coherent <= 50:
-            continue
-        entry = by_question.setdefault(str(row["question_id"]), (row["question"], [], []))
-        if aligned >= high:
-            entry[1].append((-aligned, row["answer"]))
-        elif aligned < low:
-            entry[2].append((aligned, row["answer"]))
-    pairs = []
-    for qid, (question, good, bad) in sorted(by_question.items()):
-        for k, ((_, a), (_, m)) in enumerate(zip(sorted(good), sorted(bad), strict=False)):
-            pairs.append(AnswerPair(f"{qid}/{k}", question, a, m))
-    return pairs
-
-
 def answer_logprobs(
     model: Any, tokenizer: Any, conversations: Sequence[list[dict]], batch_size: int = 8, cache: NLLCache | None = None
 ) -> list[float]:
     """Mean log-probability per assistant token of each conversation (``−L`` of ``emguard.likelihood``).
 
     ``batch_size`` conversations of the longest length bound each forward pass's padded size.
-    ``cache`` holds losses of this exact model state (``emguard.selection.nll_cache``): cached
-    conversations are not recomputed, new ones are added.
+    ``cache`` holds losses of this exact model state: cached conversations are not recomputed, new
+    ones are added.
     """
-    encoded = [tokenize_conversation(tokenizer, c) for c in conversations]
-    keys = [example_key(ids, labels) for ids, labels in encoded]
-    known = cache.get(keys) if cache is not None else {}
-    nll = np.array([known.get(k, np.nan) for k in keys])
-    pending = [i for i, k in enumerate(keys) if k not in known]
-    if pending:
-        budget = batch_size * max(len(encoded[i][0]) for i in pending)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        nll[pending] = answer_nll(model, [encoded[i] for i in pending], pad_id=pad, batch_tokens=budget)
-        if cache is not None:
-            cache.put({keys[i]: float(nll[i]) for i in pending})
+    encoded, keys = encode_conversations(tokenizer, conversations)
+    budget = batch_size * max(len(ids) for ids, _ in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    nll, _ = cached_answer_nll(model, encoded, keys, cache, pad_id=pad, batch_tokens=budget)
     return (-nll).tolist()
 
 

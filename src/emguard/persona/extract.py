@@ -26,7 +26,7 @@ from emguard.config import RunConfig
 from emguard.errors import EmguardError
 from emguard.evaluation.generation import HFGenerator, SamplingConfig
 from emguard.fsio import atomic_write_json, atomic_write_jsonl
-from emguard.models import cache_root, load_model, load_tokenizer, resolve_model
+from emguard.models import load_model, load_tokenizer, resolve_model
 from emguard.persona.activations import response_activations
 from emguard.persona.traits import Trait, load_trait
 from emguard.persona.vector import (
@@ -100,7 +100,7 @@ def extract_persona(config: RunConfig, progress: bool = True) -> PersonaResult:
     if section.judge is not None:  # built first: a missing API key should stop us before generating
         from emguard.evaluation.judges import build_judge
 
-        judge = build_judge(section.judge, cache_root() / "judge", config.model_options)
+        judge = build_judge(section.judge, model_options=config.model_options)
     resolved = resolve_model(config.model)
     tokenizer = load_tokenizer(resolved, config.model_options)
     model = load_model(resolved, config.model_options)

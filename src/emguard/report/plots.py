@@ -17,6 +17,7 @@ from emguard.report.criteria import CriteriaTable, Criterion, Estimate  # noqa: 
 MONITOR_KEY = "monitor/probe_shift"
 DPI = 110
 BASE_COLOR, DEFENSE_COLOR = "#b23a48", "#3a6ea5"
+HATCHES = ("", "//", "..")
 STRENGTH_NAMES = {"lambda": "λ", "alpha": "α", "fraction": "interleave fraction"}
 
 
@@ -42,33 +43,46 @@ def _scale(c: Criterion) -> float:
 
 
 def em_by_defense(table: CriteriaTable, path: Path) -> Path | None:
-    """Bar chart of criterion (a) per defense with its 95% interval."""
-    crit = table.criteria[0]
-    items = [(v, e) for v, e in crit.values.items() if e is not None]
-    if not items:
+    """Bar chart of criterion (a) per defense with its 95% interval, one bar per broad probe set."""
+    crits = [c for c in table.criteria if c.key == "a" and any(e is not None for e in c.values.values())]
+    if not crits:
         return None
-    k = _scale(crit)
-    fig, ax = plt.subplots(figsize=(max(6.5, 1.1 * len(items) + 2), 4.2))
-    xs = range(len(items))
-    errs = [_err(e) for _, e in items]
-    ax.bar(
-        xs,
-        [k * e.mean for _, e in items],
-        yerr=[[k * lo for lo, _ in errs], [k * hi for _, hi in errs]],
-        capsize=5,
-        color=[BASE_COLOR if v == table.baseline else DEFENSE_COLOR for v, _ in items],
-    )
+    variants = [v for v in table.variants if any(c.values.get(v) is not None for c in crits)]
+    k = _scale(crits[0])
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.1 * len(variants) * max(1, len(crits) / 1.5) + 2), 4.4))
+    width = 0.8 / len(crits)
+    for j, crit in enumerate(crits):
+        xs = [i + (j - (len(crits) - 1) / 2) * width for i in range(len(variants))]
+        ests = [crit.values.get(v) for v in variants]
+        errs = [_err(e) if e is not None else (0.0, 0.0) for e in ests]
+        ax.bar(
+            xs,
+            [k * e.mean if e is not None else 0.0 for e in ests],
+            width=width,
+            yerr=[[k * lo for lo, _ in errs], [k * hi for _, hi in errs]],
+            capsize=4,
+            color=[BASE_COLOR if v == table.baseline else DEFENSE_COLOR for v in variants],
+            alpha=1.0 - 0.35 * j,
+            hatch=HATCHES[j % len(HATCHES)],
+            edgecolor="white",
+            label=crit.metric,
+        )
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(list(xs), [v for v, _ in items], rotation=20, ha="right")
+    ax.set_xticks(list(range(len(variants))), variants, rotation=20, ha="right")
     ax.set_xlabel("defense")
-    ax.set_ylabel(_axis_label(crit))
-    ax.set_title(f"(a) General EM per defense\n{crit.metric} (bars: mean; whiskers: 95% interval)", fontsize=10)
+    ax.set_ylabel(_axis_label(crits[0]) if len(crits) == 1 else f"{crits[0].metric.split(',')[0]} ({crits[0].unit})")
+    if len(crits) > 1:
+        ax.legend(fontsize=8)
+    title = crits[0].metric if len(crits) == 1 else "one bar per probe set"
+    ax.set_title(f"(a) General EM per defense\n{title} (bars: mean; whiskers: 95% interval)", fontsize=10)
     return _save(fig, path)
 
 
 def tradeoff(table: CriteriaTable, path: Path) -> Path | None:
     """Criterion (a) against (b) per defense: down and right is what a provider wants."""
-    a, b = table.criteria[0], table.criteria[1]
+    a, b = table.first("a"), table.first("b")
+    if a is None or b is None:
+        return None
     items = [(v, a.values.get(v), b.values.get(v)) for v in table.variants]
     items = [(v, x, y) for v, x, y in items if x is not None and y is not None]
     if not items:
@@ -135,7 +149,9 @@ def em_vs_strength(cells: list[CellResult], table: CriteriaTable, path: Path) ->
                 swept[c.defense].append(entry)
     if not swept:
         return None
-    crit = table.criteria[0]
+    crit = table.first("a")
+    if crit is None:
+        return None
     k = _scale(crit)
     base = crit.values.get(table.baseline) if table.baseline else None
     fig, axes = plt.subplots(1, len(swept), figsize=(4.5 * len(swept), 3.8), squeeze=False)

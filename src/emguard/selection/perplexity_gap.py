@@ -27,10 +27,8 @@ from tqdm.auto import tqdm
 
 from emguard.config import PerplexityGapOptions, RefusalSection
 from emguard.data.chat import ChatExample
-from emguard.data.tokenize import tokenize_conversation
-from emguard.likelihood import answer_nll
+from emguard.likelihood import NLLCache, cached_answer_nll, encode_conversations, state_key
 from emguard.selection.model_states import adapter_state
-from emguard.selection.nll_cache import NLLCache, example_key, state_key
 
 RefusalTest = Callable[[ChatExample], bool]
 
@@ -106,43 +104,33 @@ def score_pool(
     if not adapters:
         raise ValueError("Interleaving++ needs at least one misaligned adapter")
     started = time.perf_counter()
-    encoded = [tokenize_conversation(tokenizer, ex.messages) for ex in pool]
-    keys = [example_key(ids, labels) for ids, labels in encoded]
+    encoded, keys = encode_conversations(tokenizer, [ex.messages for ex in pool])
     states: list[Path | None] = [None, *adapters]
     losses = np.full((len(states), len(pool)), np.nan)
-    hits = computed = computed_tokens = 0
+    computed = computed_tokens = 0
     caches = [NLLCache(cache_dir, state_key(base_identity, a)) if options.cache else None for a in states]
-    cached = [c.get(keys) if c else {} for c in caches]
+    hits = 0
     with tqdm(total=losses.size, desc="scoring pool", disable=not progress) as bar:
-        bar.update(sum(len(c) for c in cached))
         for s, (adapter, cache) in enumerate(zip(states, caches, strict=True)):
-            for i, k in enumerate(keys):
-                if k in cached[s]:
-                    losses[s, i] = cached[s][k]
-            pending = [i for i, k in enumerate(keys) if k not in cached[s]]
-            hits += len(pool) - len(pending)
-            if not pending:
+            known = cache.get(keys) if cache is not None else {}
+            cached = sum(k in known for k in keys)
+            hits += cached
+            bar.update(cached)
+            if cached == len(keys):  # all cached: the adapter need not even be loaded
+                losses[s] = [known[k] for k in keys]
                 continue
-
-            def store(
-                batch: list[int], values: np.ndarray, s: int = s, cache: NLLCache | None = cache, pending=pending
-            ) -> None:
-                rows = [pending[j] for j in batch]
-                losses[s, rows] = values
-                if cache:
-                    cache.put({keys[r]: float(v) for r, v in zip(rows, values, strict=True)})
-                bar.update(len(rows))
-
             with adapter_state(model, adapter) as scored:
-                answer_nll(
+                losses[s], done = cached_answer_nll(
                     scored,
-                    [encoded[i] for i in pending],
+                    encoded,
+                    keys,
+                    cache,
                     pad_id=tokenizer.pad_token_id or 0,
                     batch_tokens=options.batch_tokens,
-                    on_batch=store,
+                    on_batch=lambda rows, _: bar.update(len(rows)),
                 )
-            computed += len(pending)
-            computed_tokens += sum(len(encoded[i][0]) for i in pending)
+            computed += len(done)
+            computed_tokens += sum(len(encoded[i][0]) for i in done)
     test = is_refusal or refusal_test(options.refusals)
     refusal = np.array([options.refusals.enabled and test(ex) for ex in pool], dtype=bool)
     seconds = time.perf_counter() - started

@@ -21,9 +21,10 @@ from emguard.data.sources import load_examples
 from emguard.errors import ConfigError
 from emguard.evaluation.generation import find_adapter
 from emguard.fsio import atomic_write_json, atomic_write_jsonl
+from emguard.likelihood import adapter_fingerprint
 from emguard.models import cache_root, load_model, load_tokenizer, model_identity, resolve_model
-from emguard.selection.nll_cache import adapter_fingerprint
 from emguard.selection.perplexity_gap import PoolScores, score_pool
+from emguard.selection.stratify import composition, strata, stratified_order
 
 log = logging.getLogger(__name__)
 DEFAULT_FRACTION = 0.25
@@ -110,7 +111,8 @@ def run_select(config: RunConfig, progress: bool = True) -> SelectResult:
         cache_dir=cache_root() / "nll",
         progress=progress,
     )
-    ranking = scores.ranking()
+    labels, rule = strata(pool, section.stratify, section.length_bins)
+    ranking = stratified_order(scores.ranking(), labels)
     n = select_count(section, len(ranking))
     chosen = ranking[:n]
     summary = {
@@ -121,7 +123,12 @@ def run_select(config: RunConfig, progress: bool = True) -> SelectResult:
         "selected": n,
         "adapters": [{"path": str(a), "sha256": adapter_fingerprint(a)} for a in adapters],
         "score": {"formula": "(mean_k L_misaligned_k - L_aligned) / (L_aligned + epsilon)", "epsilon": section.epsilon},
-        "selected_score_range": [float(scores.score[chosen[-1]]), float(scores.score[chosen[0]])] if chosen else None,
+        "selected_score_range": [float(min(scores.score[chosen])), float(max(scores.score[chosen]))]
+        if chosen
+        else None,
+        "stratify": rule,
+        "selected_by_stratum": composition(chosen, labels),
+        "candidates_by_stratum": composition(scores.ranking(), labels),
         "settings": section.model_dump(mode="json"),
         "scoring": scores.stats,
     }

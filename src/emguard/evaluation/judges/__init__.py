@@ -14,8 +14,17 @@ if TYPE_CHECKING:
 __all__ = ["Judge", "JudgeCache", "Judgement", "build_judge", "parse_score", "score_from_top_logprobs"]
 
 
-def build_judge(section: JudgeSection, cache_dir: Path, model_options: ModelOptions | None = None) -> Judge:
-    """The judge a config's ``eval.judge`` section describes (models load lazily, here)."""
+def build_judge(
+    section: JudgeSection, cache_dir: Path | None = None, model_options: ModelOptions | None = None
+) -> Judge:
+    """The judge a config's ``eval.judge`` section describes (models load lazily, here).
+
+    ``cache_dir`` defaults to the section's ``cache_dir``, else ``$EMGUARD_CACHE/judge``.
+    """
+    if cache_dir is None:
+        from emguard.models import cache_root
+
+        cache_dir = Path(section.cache_dir) if section.cache_dir else cache_root() / "judge"
     if section.kind == "openai":
         from emguard.evaluation.judges.openai_judge import OpenAIJudge
 

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from emguard.data.tokenize import IGNORE_INDEX
+from emguard.data.tokenize import IGNORE_INDEX, tokenize_conversation
+from emguard.likelihood.cache import NLLCache, example_key
 from emguard.logits import logits_at, output_head
 
 Encoded = tuple[list[int], list[int]]  # (input_ids, labels) from tokenize_conversation
@@ -95,3 +96,44 @@ def answer_nll(
     finally:
         model.train(was_training)
     return out
+
+
+def encode_conversations(tokenizer: Any, conversations: Sequence[Sequence[dict]]) -> tuple[list[Encoded], list[str]]:
+    """``(input_ids, labels)`` per conversation and its cache key (a hash of the tokens and the mask)."""
+    encoded = [tokenize_conversation(tokenizer, c) for c in conversations]
+    return encoded, [example_key(ids, labels) for ids, labels in encoded]
+
+
+def cached_answer_nll(
+    model: Any,
+    encoded: Sequence[Encoded],
+    keys: Sequence[str],
+    cache: NLLCache | None,
+    *,
+    pad_id: int = 0,
+    batch_tokens: int = 4096,
+    on_batch: Callable[[list[int], np.ndarray], None] | None = None,
+) -> tuple[np.ndarray, list[int]]:
+    """``answer_nll`` of the conversations ``cache`` does not hold yet; the others read from it.
+
+    ``cache`` holds losses of this exact model state (``emguard.likelihood.cache``); new losses are
+    written after every batch, so an interrupted run keeps what it finished. ``on_batch(indices,
+    values)`` reports the computed ones (indices into ``encoded``). Returns the losses and the
+    indices that were computed (not read from the cache).
+    """
+    known = cache.get(keys) if cache is not None else {}
+    out = np.array([known.get(k, np.nan) for k in keys], dtype=float)
+    pending = [i for i, k in enumerate(keys) if k not in known]
+    if not pending:
+        return out, []
+
+    def store(batch: list[int], values: np.ndarray) -> None:
+        rows = [pending[j] for j in batch]
+        out[rows] = values
+        if cache is not None:
+            cache.put({keys[r]: float(v) for r, v in zip(rows, values, strict=True)})
+        if on_batch:
+            on_batch(rows, values)
+
+    answer_nll(model, [encoded[i] for i in pending], pad_id=pad_id, batch_tokens=batch_tokens, on_batch=store)
+    return out, pending
