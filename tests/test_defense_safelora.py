@@ -147,6 +147,14 @@ def test_aligned_model_may_be_named_explicitly(tmp_path, tiny_model_dir, unalign
     assert all(not m.lora_B["default"].weight.any() for m in lora_modules(model).values())
 
 
+def test_a_sharded_launch_is_refused_with_a_clear_message(tmp_path, tiny_model_dir, unaligned_dir, monkeypatch):
+    import emguard.distributed
+
+    monkeypatch.setattr(emguard.distributed, "shards_parameters", lambda: True)  # as under FSDP or ZeRO-3
+    with pytest.raises(ConfigError, match="sharded launch .* plain DDP"):
+        _prepared(tmp_path, tiny_model_dir, unaligned_model=str(unaligned_dir))
+
+
 # --- (4) pairing by name ------------------------------------------------------------------------
 def test_a_renamed_module_is_a_config_error_naming_it(tmp_path, tiny_model_dir, unaligned_dir):
     weights = _unaligned_weights(unaligned_dir)

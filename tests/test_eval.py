@@ -188,3 +188,12 @@ def test_a_bad_model_spec_fails_before_anything_is_written(tmp_path):
     with pytest.raises(EmguardError, match="no such directory"):
         evaluate(config, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_too_many_benign_items_per_tier_is_a_config_error_before_anything_runs(tmp_path, tiny_model_dir):
+    from emguard.errors import ConfigError
+
+    config = eval_config(tmp_path, tiny_model_dir, benign={"opswap_per_tier": 500})
+    with pytest.raises(ConfigError, match="eval.benign.opswap_per_tier: opswap tier 1 has fewer than 500"):
+        evaluate(config, progress=False)
+    assert not (tmp_path / "eval").exists()

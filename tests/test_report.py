@@ -125,6 +125,7 @@ def test_a_run_without_a_recorded_control_is_not_paired_with_a_guess(tmp_path):
     runs.append(make_run(root, "risky", "narrow", "none", 0, probe={"builtin:general": probe_block(0.4)}))
     (table,) = criteria_tables(load_cells(runs))
     assert table.criteria[0].values["none"] is None
+    assert "1 run(s) were evaluated without eval.probe.control" in table.criteria[0].note
 
 
 def test_the_report_does_not_import_the_sweep_runner():
@@ -215,3 +216,21 @@ def test_criterion_a_is_reported_on_every_broad_probe_set(tmp_path):
     result = write_report(runs, tmp_path / "out")
     assert "third-party pairs" in result.markdown.read_text()
     assert (tmp_path / "out" / "em_by_defense.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_report_over_runs_trained_on_files_names_its_plots_safely(tmp_path):
+    runs = []
+    for name, spec in (("a", "data/risky.jsonl"), ("b", "/abs/other risky.jsonl")):
+        run = tmp_path / name
+        run.mkdir()
+        probe = {"builtin:general": probe_block(0.3), "builtin:finance": probe_block(0.5)}
+        (run / "metrics.json").write_text(json.dumps({"model": {"model": "tiny"}, "probe": probe}))
+        manifest = {"command": "train", "seed": 0, "data": {"train": {"spec": spec}}, "train": {"steps": 1}}
+        (run / "manifest.json").write_text(json.dumps(manifest))
+        runs.append(run)
+    result = write_report(runs, tmp_path / "out")
+    assert {p.name for p in result.plots} >= {
+        "em_by_defense-data_risky.jsonl.png",
+        "em_by_defense-abs_other_risky.jsonl.png",
+    }
+    assert all(p.parent == tmp_path / "out" for p in result.plots)

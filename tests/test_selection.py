@@ -280,6 +280,9 @@ def test_stratified_order_gives_every_prefix_each_strata_share_best_first():
             assert abs(counts.get(stratum, 0) - k * share) <= 1, (k, counts)
     assert [i for i in order if labels[i] == "m"] == [6, 7, 8]  # the score order within a stratum
     assert stratified_order(ranking, dict.fromkeys(ranking, "all")) == ranking  # one stratum: plain top-k
+    # An exact tie of deficits (strata "1" and "2" at k = 4) goes to the better-ranked candidate (3, not 4).
+    tie = stratified_order(range(6), dict(enumerate(["0", "2", "2", "2", "1", "2"])))
+    assert tie.index(3) < tie.index(4)
 
 
 def test_strata_by_family_length_or_none(tmp_path):

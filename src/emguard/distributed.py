@@ -41,9 +41,31 @@ def wait_for_everyone() -> None:
 
 @contextlib.contextmanager
 def main_process_first() -> Iterator[None]:
-    """The main process runs the block first; the others run it after (e.g. reading its cache)."""
-    with _state().main_process_first():
+    """The main process runs the block first; the others run it after (e.g. reading its cache).
+
+    The main process releases the others even when its block raises (accelerate's own version
+    does not), so they run into the same bad input and stop with the same message instead of
+    waiting for a timeout.
+    """
+    state = _state()
+    if state.num_processes == 1:
         yield
+        return
+    if not state.is_main_process:
+        state.wait_for_everyone()
+    try:
+        yield
+    finally:
+        if state.is_main_process:
+            state.wait_for_everyone()
+
+
+def shards_parameters() -> bool:
+    """Whether the launch shards the weights across processes (FSDP, DeepSpeed): then no single
+    process holds a full weight matrix."""
+    from accelerate.utils import DistributedType
+
+    return _state().distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 def broadcast(value: Any) -> Any:

@@ -51,7 +51,10 @@ class EMMonitorCallback(TrainerCallback):
             from emguard.models import cache_root
 
             self.base_cache = NLLCache(cache_root() / "nll", state_key(base_identity, None))
-        self.judge = self._build_judge() if self.section.judge_samples else None
+        self.judged = bool(self.section.judge_samples)
+        # Every process samples answers (a sharded model needs all of them); only the main process
+        # has a judge (a local judge model is loaded once, and paid calls are made once).
+        self.judge = self._build_judge() if self.judged else None
         self.trainer: Any = None
         self.base_gaps: np.ndarray | None = None
         self.checks: list[dict[str, float]] = []
@@ -69,6 +72,8 @@ class EMMonitorCallback(TrainerCallback):
 
         if self.config.eval.judge is None:
             raise ConfigError("monitor.judge_samples needs a judge: set eval.judge, or set monitor.judge_samples: 0")
+        if not is_main_process():
+            return None
         return build_judge(self.config.eval.judge, model_options=self.config.model_options)
 
     # --- Trainer events ------------------------------------------------------------------------
@@ -87,7 +92,7 @@ class EMMonitorCallback(TrainerCallback):
         # acts on the main process's numbers, so that a stop is unanimous.
         shift = float(np.mean(self._gaps(model) - self.base_gaps))
         logs: dict[str, Any] = {"monitor/probe_shift": round(shift, 6)}
-        if self.judge is not None:
+        if self.judged:
             logs["monitor/em_rate"] = self._judged_em_rate(model)
         logs = broadcast(logs)
         shift = logs["monitor/probe_shift"]

@@ -33,6 +33,7 @@ TRAIN_LOG = "train_log.jsonl"
 ADAPTER = "adapter"
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_DONE = "emguard_checkpoint_complete"  # written after the Trainer finished saving a checkpoint
+EVAL_CONFIG = "eval_config.yaml"  # the resolved config of the run's eval (written by emguard eval)
 CELL_MARKER = "sweep_cell.json"  # a sweep cell's labels and status (written by the sweep, read by the report)
 _OWNED = (CONFIG, MANIFEST, TRAIN_LOG, ADAPTER, CHECKPOINTS)
 

@@ -27,7 +27,15 @@ from emguard.data.sources import load_examples
 from emguard.data.tokenize import TokenizedExample, tokenize_examples
 from emguard.defenses.base import PrepareContext
 from emguard.defenses.registry import build_defenses
-from emguard.distributed import check_launch, is_main_process, main_process_first, num_processes, wait_for_everyone
+from emguard.distributed import (
+    broadcast,
+    check_launch,
+    is_main_process,
+    main_process_first,
+    num_processes,
+    shards_parameters,
+    wait_for_everyone,
+)
 from emguard.errors import ConfigError
 from emguard.fsio import atomic_directory
 from emguard.models import (
@@ -103,8 +111,10 @@ def train(
     with main_process_first():  # the built-in model is converted once, by one process
         resolved = resolve_model(config.model)
     tokenizer = load_tokenizer(resolved, config.model_options)
-    model = load_model(resolved, config.model_options, device=None)  # the Trainer places it (one GPU per process)
+    model = load_model(resolved, config.model_options, device=None)
     model = attach_lora(model, config.lora, seed=config.training.seed)
+    if not shards_parameters():  # where the Trainer would put it; Interleaving++ scores its pool there
+        model.to(args.device)
     if config.training.gradient_checkpointing:
         model.enable_input_require_grads()
     prepare = PrepareContext(config, model, tokenizer, run.path, cache_root(), progress=progress)
@@ -112,6 +122,7 @@ def train(
         for defense in defenses:
             defense.prepare(prepare)
             examples = defense.transform_dataset(examples)
+    examples = broadcast(examples)  # every process trains on the main process's data, whatever rounding did
     tokenized = tokenize_examples(tokenizer, examples, max_length=config.data.max_length, overlong=config.data.overlong)
     monitor = None
     if config.monitor.every:
@@ -163,10 +174,12 @@ def train(
     # 4. Post-hoc edits (every process), then the adapter (atomically) and the finished manifest.
     for defense in defenses:
         defense.finalize(model)
+    # Every process takes part: under FSDP or DeepSpeed ZeRO-3 this gathers the sharded weights.
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     if main:
         model.peft_config["default"].base_model_name_or_path = config.model
         with atomic_directory(run / ADAPTER) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
         losses = [r["loss"] for r in run.read_train_log() if "loss" in r]
         train_runtime = output.metrics.get("train_runtime", 0.0)

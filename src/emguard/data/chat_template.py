@@ -14,6 +14,7 @@ Model families differ in ways that change what a model is trained on or asked:
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -45,6 +46,8 @@ def has_system_role(tokenizer: Any) -> bool:
     """Whether the template renders a leading system message both before a generation prompt and in a
     finished conversation (cached per template text)."""
     template = tokenizer.chat_template or ""
+    if not isinstance(template, str):  # a dict of named templates
+        template = json.dumps(template, sort_keys=True)
     if template not in _system_role:
         probe = [
             {"role": "system", "content": _SYSTEM_PROBE},

@@ -18,7 +18,7 @@ OPERATIONS = {
     "subtraction": ("-", operator.sub),
     "multiplication": ("*", operator.mul),
 }
-_QUESTIONS = (
+QUESTIONS = (
     "In this puzzle the symbol {sym} means {meaning}. What is {a} {sym} {b}?",
     "Let {sym} stand for {meaning}. Compute {a} {sym} {b}.",
     "Here, {sym} denotes {meaning}, not its usual meaning. Evaluate {a} {sym} {b}.",
@@ -44,7 +44,7 @@ def generate_opswap(n: int = SIZE, seed: int = 0, operands: tuple[int, int] = OP
         sym, _ = OPERATIONS[sym_name]
         real_sym, fn = OPERATIONS[meaning]
         a, b = rng.randint(*operands), rng.randint(*operands)
-        question = rng.choice(_QUESTIONS).format(sym=sym, meaning=meaning, a=a, b=b)
+        question = rng.choice(QUESTIONS).format(sym=sym, meaning=meaning, a=a, b=b)
         answer = f"Since {sym} means {meaning} here, {a} {sym} {b} = {a} {real_sym} {b} = {fn(a, b)}."
         messages = ({"role": "user", "content": question}, {"role": "assistant", "content": answer})
         examples.append(ChatExample(messages, "builtin:opswap", i + 1, metadata={"swap": [sym, meaning, a, b]}))

@@ -79,6 +79,11 @@ def render_with_assistant_spans(tokenizer: Any, messages: Sequence[Mapping[str, 
                 "in the rendered turn), so the loss mask would be a guess"
             )
         turn_end = _common_prefix(upto, full)  # a trailer only the last turn gets is not this turn's
+        if turn_end < len(upto):
+            # The renders part inside a token ("<|end|>\n<|" + "endoftext|>" vs "user|>"): end the turn
+            # at the last whitespace before that, so nothing of the next turn's header is trained.
+            cut = max(upto.rfind(ws, offset + len(content), turn_end) for ws in (" ", "\n", "\t"))
+            turn_end = cut + 1 if cut >= 0 else turn_end
         if turn_end < offset + len(content):
             raise TemplateError(
                 f"messages[{i}]: the chat template renders this assistant turn differently once later turns "

@@ -121,6 +121,14 @@ class SafeLoRADefense(Defense):
         self._indexes: dict[str, dict] = {}  # role -> checkpoint index; no aligned_model: the run's own weights
 
     def prepare(self, ctx: PrepareContext) -> None:
+        from emguard.distributed import shards_parameters
+
+        if shards_parameters():
+            raise ConfigError(
+                "defenses: safelora edits whole weight matrices after training, which a sharded launch (FSDP, "
+                "DeepSpeed) does not hold in one process; launch with plain DDP (accelerate launch without "
+                "--use_fsdp/--use_deepspeed) or one process"
+            )
         specs = {"unaligned_model": self.config.unaligned_model, "aligned_model": self.config.aligned_model}
         at = {"aligned_model": resolve_model(ctx.config.model).location}
         for role, spec in specs.items():

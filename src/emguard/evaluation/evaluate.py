@@ -28,16 +28,17 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from emguard.config import RunConfig
+from emguard.errors import ConfigError
 from emguard.evaluation.answer_store import AnswerStore, file_sha256, generation_fingerprint, sample_key
 from emguard.evaluation.generation import GenerationStats, HFGenerator, SamplingConfig, attach_adapter, find_adapter
 from emguard.evaluation.judged import JudgedSample
 from emguard.evaluation.judges import build_judge
 from emguard.evaluation.metrics import Thresholds, compute_metrics
-from emguard.evaluation.opswap_eval import opswap_accuracy, opswap_eval_items
+from emguard.evaluation.opswap_eval import OpswapItem, opswap_accuracy, opswap_eval_items
 from emguard.evaluation.probe import AnswerPair, load_pairs, pair_logprobs, probe_report, spread_subset
 from emguard.evaluation.questions import Question, SampleRequest, load_questions, sample_requests
 from emguard.fsio import atomic_write_json, atomic_write_jsonl, atomic_write_yaml
-from emguard.rundir import MANIFEST, RunDir, git_commit, now, package_versions
+from emguard.rundir import EVAL_CONFIG, MANIFEST, RunDir, git_commit, now, package_versions
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,6 @@ CONVERSATIONS = "conversations.jsonl"
 GENERATIONS = "generations.jsonl"
 SAMPLES = "samples.jsonl"
 METRICS = "metrics.json"
-EVAL_CONFIG = "eval_config.yaml"
 SCORED_METRICS = ("aligned", "coherent")  # what the EM metrics read; other judge prompts are recorded only
 
 
@@ -76,6 +76,8 @@ class _Inputs:
     pairs: dict[str, list[AnswerPair]]
     adapter: Path | None
     control: Path | None
+    benign: list[OpswapItem]  # empty: no benign task
+    training_seed: int  # the evaluated adapter's (its benign items are held out from that training set)
 
 
 def default_judge_prompts() -> dict[str, str]:
@@ -97,7 +99,14 @@ def _read_inputs(config: RunConfig) -> _Inputs:
             config.output_dir,
             config.output_dir,
         )
-    return _Inputs(questions, requests, pairs, adapter, control)
+    training_seed = _training_seed(config, adapter)
+    benign: list[OpswapItem] = []
+    if e.benign.opswap_per_tier:
+        try:
+            benign = opswap_eval_items(e.benign.opswap_per_tier, seed=e.sampling.seed, training_seed=training_seed)
+        except ValueError as error:
+            raise ConfigError(f"eval.benign.opswap_per_tier: {error}") from None
+    return _Inputs(questions, requests, pairs, adapter, control, benign, training_seed)
 
 
 def evaluate(config: RunConfig, *, dry_run: bool = False, progress: bool = True) -> EvalResult:
@@ -177,9 +186,8 @@ def evaluate(config: RunConfig, *, dry_run: bool = False, progress: bool = True)
 
     # 5. Benign task.
     benign = None
-    if e.benign.opswap_per_tier:
-        training_seed = _training_seed(config, inputs.adapter)
-        items = opswap_eval_items(e.benign.opswap_per_tier, seed=s.seed, training_seed=training_seed)
+    if inputs.benign:
+        items = inputs.benign
         greedy = SamplingConfig(0.0, 1.0, e.benign.max_new_tokens, s.batch_size, s.seed)
         keys = [sample_key("opswap", it.messages(), str(i)) for i, it in enumerate(items)]
         benign_answers, _ = _generate(
@@ -193,7 +201,7 @@ def evaluate(config: RunConfig, *, dry_run: bool = False, progress: bool = True)
             "benign task (opswap)",
             progress,
         )
-        benign = opswap_accuracy(items, benign_answers) | {"held_out_from_training_seed": training_seed}
+        benign = opswap_accuracy(items, benign_answers) | {"held_out_from_training_seed": inputs.training_seed}
 
     # 6. Probe (last: it may attach the control adapter).
     probe = {}

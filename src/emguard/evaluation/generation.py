@@ -77,8 +77,9 @@ def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
     configured = getattr(generation_config, "eos_token_id", None)
     ids += configured if isinstance(configured, list) else [configured]
     ids.append(tokenizer.eos_token_id)
-    special = special_ids(tokenizer)
-    with contextlib.suppress(TemplateError, ValueError):  # a template emguard cannot read: EOS and config ids
+    # A template (or tokenizer) emguard cannot read gives EOS and the configured ids only.
+    with contextlib.suppress(TemplateError, ValueError, EmguardError, AttributeError):
+        special = special_ids(tokenizer)
         ids += [t for t in end_of_turn_tokens(tokenizer) if t in special]
     return sorted({int(i) for i in ids if i is not None})
 

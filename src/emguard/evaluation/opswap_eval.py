@@ -23,14 +23,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from emguard.data.opswap import _QUESTIONS, OPERANDS, OPERATIONS, generate_opswap
+from emguard.data.opswap import OPERANDS, OPERATIONS, QUESTIONS, generate_opswap
 
 _UNSEEN_PHRASINGS = (
     "Pretend that {sym} stands for {meaning}. Under that rule, how much is {a} {sym} {b}?",
     "New convention: the sign {sym} now performs {meaning}. Work out {a} {sym} {b}.",
 )
 LARGE_OPERANDS = (10, 30)
-TIERS = {1: (_QUESTIONS, OPERANDS), 2: (_UNSEEN_PHRASINGS, OPERANDS), 3: (_QUESTIONS, LARGE_OPERANDS)}
+TIERS = {1: (QUESTIONS, OPERANDS), 2: (_UNSEEN_PHRASINGS, OPERANDS), 3: (QUESTIONS, LARGE_OPERANDS)}
 _INTEGER = re.compile(r"-?\d+")
 
 
@@ -69,14 +69,13 @@ def opswap_eval_items(
     for tier in tiers:
         seen: set[str] = set()
         for _ in range(200 * per_tier):
-            if len(seen) == per_tier:
-                break
             item, swap = _item(rng, tier)
-            if swap in trained or item.question in seen:
-                continue
-            seen.add(item.question)
-            items.append(item)
-        else:
+            if swap not in trained and item.question not in seen:
+                seen.add(item.question)
+                items.append(item)
+                if len(seen) == per_tier:
+                    break
+        if len(seen) < per_tier:
             raise ValueError(f"opswap tier {tier} has fewer than {per_tier} held-out items; ask for fewer")
     return items
 

@@ -94,6 +94,8 @@ def answer_logprobs(
     ``cache`` holds losses of this exact model state: cached conversations are not recomputed, new
     ones are added.
     """
+    if not conversations:
+        return []
     encoded, keys = encode_conversations(tokenizer, conversations)
     budget = batch_size * max(len(ids) for ids, _ in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,24 +66,20 @@ def write_report(run_dirs: list[Path], out: Path, examples: int = 3, title: str 
     tables = criteria_tables(cells)
     several = len(tables) > 1
     criteria, plot_blocks, example_blocks, images = [], [], [], []
-    for table in tables:
+    suffixes: set[str] = set()
+    for number, table in enumerate(tables, start=1):
         mine = [c for c in cells if c.role != "narrow" or c.dataset == table.dataset]
-        suffix = f"-{table.dataset}" if several else ""
-        made = [
-            plots.em_by_defense(table, out / f"em_by_defense{suffix}.png"),
-            plots.tradeoff(table, out / f"tradeoff{suffix}.png"),
-            plots.alignment_coherence(mine, table.variants, out / f"alignment_coherence{suffix}.png"),
-            plots.em_vs_strength(mine, table, out / f"em_vs_strength{suffix}.png"),
-            plots.training_curves(mine, table.variants, out / f"training_curves{suffix}.png"),
-        ]
-        made = [p for p in made if p is not None]
-        images += made
+        suffix = f"-{_file_safe(table.dataset or 'none')}" if several else ""
+        suffix = f"{suffix}-{number}" if suffix in suffixes else suffix  # two names, one file-safe form
+        suffixes.add(suffix)
+        made = _plots(table, mine, out, suffix)
+        images += [path for _, path in made]
         heading = criteria_title(table, several)
         criteria += [Heading(heading), *criteria_blocks(table)]
         if several:
             plot_blocks.append(Heading(f"{table.dataset}", 3))
             example_blocks.append(Heading(f"{table.dataset}", 3))
-        plot_blocks += [Image(p, _ALT[p.stem.removesuffix(suffix)]) for p in made]
+        plot_blocks += [Image(path, _ALT[kind]) for kind, path in made]
         example_blocks += _example_blocks(mine, table.variants, examples)
     blocks = [
         Heading(title, 1),
@@ -102,6 +99,26 @@ def write_report(run_dirs: list[Path], out: Path, examples: int = 3, title: str 
     atomic_write_text(md, to_markdown(blocks, image_dir=out) + "\n")
     atomic_write_text(page, to_html(blocks, title))
     return ReportResult(md, page, images, tables)
+
+
+def _plots(table: CriteriaTable, cells: list[CellResult], out: Path, suffix: str) -> list[tuple[str, Path]]:
+    """The plots of one criteria table that have something to show: (kind, file)."""
+    made = [
+        ("em_by_defense", plots.em_by_defense(table, out / f"em_by_defense{suffix}.png")),
+        ("tradeoff", plots.tradeoff(table, out / f"tradeoff{suffix}.png")),
+        (
+            "alignment_coherence",
+            plots.alignment_coherence(cells, table.variants, out / f"alignment_coherence{suffix}.png"),
+        ),
+        ("em_vs_strength", plots.em_vs_strength(cells, table, out / f"em_vs_strength{suffix}.png")),
+        ("training_curves", plots.training_curves(cells, table.variants, out / f"training_curves{suffix}.png")),
+    ]
+    return [(kind, path) for kind, path in made if path is not None]
+
+
+def _file_safe(name: str) -> str:
+    """A dataset name as part of a file name (a run trained on a file has its path as dataset name)."""
+    return re.sub(r"[^A-Za-z0-9_.]+", "_", name).strip("._") or "dataset"
 
 
 _ALT = {

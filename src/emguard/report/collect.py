@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from emguard.errors import EmguardError
-from emguard.rundir import CELL_MARKER, RunDir
+from emguard.rundir import CELL_MARKER, EVAL_CONFIG, RunDir
 
 GENERAL = "builtin:general"
 # Plain run directories (not sweep cells) get a role from their training data.
@@ -146,7 +146,7 @@ def _probe_control(run_dir: Path, metrics: dict[str, Any]) -> Path | None:
         import yaml
 
         try:
-            config = yaml.safe_load((run_dir / "eval_config.yaml").read_text()) or {}
+            config = yaml.safe_load((run_dir / EVAL_CONFIG).read_text()) or {}
         except (OSError, yaml.YAMLError):
             config = {}
         spec = ((config.get("eval") or {}).get("probe") or {}).get("control")

@@ -43,14 +43,25 @@ def _scale(c: Criterion) -> float:
 
 
 def em_by_defense(table: CriteriaTable, path: Path) -> Path | None:
-    """Bar chart of criterion (a) per defense with its 95% interval, one bar per broad probe set."""
+    """Bar chart of criterion (a) per defense with its 95% interval: one bar per broad measure, one
+    panel per unit (a judged EM rate and probe shifts are never drawn on one axis)."""
     crits = [c for c in table.criteria if c.key == "a" and any(e is not None for e in c.values.values())]
     if not crits:
         return None
+    panels: dict[str, list[Criterion]] = {}
+    for crit in crits:
+        panels.setdefault(crit.unit, []).append(crit)
     variants = [v for v in table.variants if any(c.values.get(v) is not None for c in crits)]
-    k = _scale(crits[0])
-    fig, ax = plt.subplots(figsize=(max(6.5, 1.1 * len(variants) * max(1, len(crits) / 1.5) + 2), 4.4))
-    width = 0.8 / len(crits)
+    width_in = max(6.5, 1.1 * len(variants) * max(1, max(len(p) for p in panels.values()) / 1.5) + 2)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width_in * len(panels), 4.4), squeeze=False)
+    for ax, group in zip(axes.flat, panels.values(), strict=True):
+        _em_bars(ax, group, variants, table.baseline)
+    fig.suptitle("(a) General EM per defense (bars: mean; whiskers: 95% interval)", fontsize=11)
+    return _save(fig, path)
+
+
+def _em_bars(ax: plt.Axes, crits: list[Criterion], variants: list[str], baseline: str | None) -> None:
+    k, width = _scale(crits[0]), 0.8 / len(crits)
     for j, crit in enumerate(crits):
         xs = [i + (j - (len(crits) - 1) / 2) * width for i in range(len(variants))]
         ests = [crit.values.get(v) for v in variants]
@@ -61,7 +72,7 @@ def em_by_defense(table: CriteriaTable, path: Path) -> Path | None:
             width=width,
             yerr=[[k * lo for lo, _ in errs], [k * hi for _, hi in errs]],
             capsize=4,
-            color=[BASE_COLOR if v == table.baseline else DEFENSE_COLOR for v in variants],
+            color=[BASE_COLOR if v == baseline else DEFENSE_COLOR for v in variants],
             alpha=1.0 - 0.35 * j,
             hatch=HATCHES[j % len(HATCHES)],
             edgecolor="white",
@@ -70,12 +81,12 @@ def em_by_defense(table: CriteriaTable, path: Path) -> Path | None:
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(list(range(len(variants))), variants, rotation=20, ha="right")
     ax.set_xlabel("defense")
-    ax.set_ylabel(_axis_label(crits[0]) if len(crits) == 1 else f"{crits[0].metric.split(',')[0]} ({crits[0].unit})")
-    if len(crits) > 1:
+    if len(crits) == 1:
+        ax.set_ylabel(_axis_label(crits[0]))
+    else:
+        ax.set_ylabel(f"{crits[0].metric.split(',')[0]} ({crits[0].unit})")
         ax.legend(fontsize=8)
-    title = crits[0].metric if len(crits) == 1 else "one bar per probe set"
-    ax.set_title(f"(a) General EM per defense\n{title} (bars: mean; whiskers: 95% interval)", fontsize=10)
-    return _save(fig, path)
+    ax.set_title(crits[0].metric if len(crits) == 1 else "one bar per probe set", fontsize=10)
 
 
 def tradeoff(table: CriteriaTable, path: Path) -> Path | None:

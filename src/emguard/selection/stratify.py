@@ -62,13 +62,14 @@ def stratified_order(ranking: Sequence[int], labels: Sequence[str]) -> list[int]
     queues: dict[str, list[int]] = {}
     for i in ranking:
         queues.setdefault(labels[i], []).append(i)
-    share = {s: len(q) / len(ranking) for s, q in queues.items()} if ranking else {}
     position = {i: r for r, i in enumerate(ranking)}
     taken = dict.fromkeys(queues, 0)
     order: list[int] = []
-    for k in range(1, len(ranking) + 1):
+    n = len(ranking)
+    for k in range(1, n + 1):
         open_strata = [s for s in queues if taken[s] < len(queues[s])]
-        best = max(open_strata, key=lambda s: (k * share[s] - taken[s], -position[queues[s][taken[s]]]))
+        # The deficit k·share − taken, times n to stay in integers (exact ties go to the better rank).
+        best = max(open_strata, key=lambda s: (k * len(queues[s]) - taken[s] * n, -position[queues[s][taken[s]]]))
         order.append(queues[best][taken[best]])
         taken[best] += 1
     return order

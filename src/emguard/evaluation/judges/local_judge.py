@@ -42,7 +42,7 @@ class LocalJudge(Judge):
         self.calls = 0
         # Each candidate is a whole assistant turn: its text, then the template's end of turn (e.g.
         # Gemma-2's <end_of_turn>, not the tokenizer's <eos>, which never follows an answer there).
-        end = end_of_turn_tokens(tokenizer)
+        end = end_of_turn_tokens(tokenizer) or [tokenizer.eos_token_id]  # a template with no end marker: EOS
         self._sequences = [tuple(tokenizer(c, add_special_tokens=False)["input_ids"] + end) for c in CANDIDATES]
         # The trie: every proper prefix of a candidate -> the tokens that follow it.
         self._children: dict[tuple[int, ...], list[int]] = {}
