@@ -10,7 +10,7 @@ import pytest
 
 from emguard.cli import main
 from emguard.report import write_report
-from emguard.report.collect import Value, load_cells
+from emguard.report.collect import Value, expand_run_dirs, load_cells
 from emguard.report.criteria import combine, criteria_table, criteria_tables
 
 
@@ -234,3 +234,36 @@ def test_a_report_over_runs_trained_on_files_names_its_plots_safely(tmp_path):
         "em_by_defense-abs_other_risky.jsonl.png",
     }
     assert all(p.parent == tmp_path / "out" for p in result.plots)
+
+
+def test_defenses_are_compared_with_the_baseline_paired_by_seed(tmp_path):
+    # The seeds move both runs alike (0.30/0.15 and 0.34/0.17): the paired difference is tight.
+    table = criteria_table(load_cells(probe_runs(tmp_path)))
+    a = table.first("a")
+    diffs = [(0.15 - 0.10) - (0.30 - 0.10), (0.17 - 0.12) - (0.34 - 0.12)]
+    est = a.paired("kl-1", "none")
+    assert est.n == 2 and est.mean == pytest.approx(sum(diffs) / 2)
+    assert est.se == pytest.approx(abs(diffs[0] - diffs[1]) / 2)
+    assert a.paired("none", "none") is None
+    c = table.first("c")
+    assert c.paired("kl-1", "none").mean == pytest.approx(0.5 - 0.9)
+    md = write_report(probe_runs(tmp_path / "again"), tmp_path / "out").markdown.read_text()
+    assert "paired by seed" in md and "| kl-1 | -0.160 [" in md
+
+
+def test_a_sweep_run_elsewhere_is_read_with_its_relative_paths(tmp_path):
+    # The sweep ran in another directory: its index and the recorded controls hold relative paths.
+    sweep = tmp_path / "elsewhere" / "runs" / "sweep"  # the sweep ran in tmp_path/elsewhere with runs/sweep
+    cells = sweep / "cells"
+    control = make_run(cells, "safe", "control", "none", 0, probe={"builtin:general": probe_block(0.1)})
+    recorded = Path("runs/sweep/cells/safe/none/seed0")  # relative to where the sweep ran
+    probe = {"builtin:general": probe_block(0.5) | {"shift_vs_control": {"mean": 0.3, "ci95": [0.1, 0.5]}}}
+    narrow = make_run(cells, "risky", "narrow", "none", 0, probe=probe)
+    metrics = json.loads((narrow / "metrics.json").read_text())
+    metrics["model"]["control"] = str(recorded / "adapter")
+    (narrow / "metrics.json").write_text(json.dumps(metrics))
+    ids = [str(r.relative_to(cells)) for r in (control, narrow)]
+    index = [{"id": i, "run_dir": f"runs/sweep/cells/{i}", "status": "finished"} for i in ids]
+    (sweep / "index.json").write_text(json.dumps({"cells": index}))
+    (table,) = criteria_tables(load_cells(expand_run_dirs([sweep])))
+    assert table.first("a").controls == {"none": ["safe/none"]}

@@ -102,7 +102,8 @@ def expand_run_dirs(paths: list[Path]) -> list[Path]:
         index = path / "index.json"
         if index.is_file() and not (path / "metrics.json").is_file():
             cells = json.loads(index.read_text())["cells"]
-            out += [Path(c["run_dir"]) for c in cells if c.get("status") == "finished"]
+            # A cell lives at SWEEP/cells/ID; the index's run_dir may be relative to where the sweep ran.
+            out += [_cell_dir(path, c) for c in cells if c.get("status") == "finished"]
         elif (path / "metrics.json").is_file():
             out.append(path)
         else:
@@ -110,6 +111,11 @@ def expand_run_dirs(paths: list[Path]) -> list[Path]:
     if not out:
         raise EmguardError("no evaluated runs to report on (is the sweep finished?)")
     return out
+
+
+def _cell_dir(sweep: Path, record: dict[str, Any]) -> Path:
+    here = sweep / "cells" / str(record.get("id", ""))
+    return here if record.get("id") and (here / "metrics.json").is_file() else Path(record["run_dir"])
 
 
 def load_cells(run_dirs: list[Path]) -> list[CellResult]:

@@ -87,11 +87,33 @@ def criteria_blocks(table: CriteriaTable) -> list[Any]:
         Table(header, rows),
         Para(f"Units: {units}. 'vs X': the matched-control run each value is measured against."),
     ]
+    paired = paired_rows(table)
+    if paired:
+        blocks += [
+            Para(
+                f"**Defense − baseline ({table.baseline}), paired by seed**: the mean over the seeds both have "
+                "of the per-seed difference, with its t interval (one seed: no interval). Pairing removes what "
+                "a seed does to both runs alike."
+            ),
+            Table(["defense"] + [f"({c.key}) {c.metric}" for c in table.criteria], paired),
+        ]
     for c in table.criteria:
         if c.note:
             blocks.append(Para(f"({c.key}): {c.note}", note=True))
     blocks += [Para(n, note=True) for n in table.notes]
     return blocks
+
+
+def paired_rows(table: CriteriaTable) -> list[list[str]]:
+    """Per non-baseline variant, every criterion's difference from the baseline, paired by seed."""
+    rows = []
+    for v in table.variants:
+        if v == table.baseline:
+            continue
+        cells = [fmt(c.paired(v, table.baseline), c.unit) for c in table.criteria]
+        if any(cell != "–" for cell in cells):
+            rows.append([v, *cells])
+    return rows
 
 
 def criteria_markdown(tables: list[CriteriaTable]) -> str:
