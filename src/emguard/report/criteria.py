@@ -346,6 +346,7 @@ def _em_excess(
         out = {v: combine([c.probe(pair_set) for c in narrow if c.variant == v]) for v in variants}
         raw = _per_seed(narrow, lambda c: c.probe(pair_set))
         return _Excess(out, {}, f"{NO_CONTROL}: the raw probe shift, which also moves with benign fine-tuning", raw)
+
     def control_run(path: Path) -> CellResult | None:
         """The control cell at ``path``: the same directory, or (a relative path recorded where the
         sweep ran) the cell whose directory ends with it."""
