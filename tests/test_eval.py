@@ -136,6 +136,7 @@ def test_probe_reports_shift_against_base_and_control(tmp_path, tiny_model_dir):
     assert metrics["model"]["control"] == str(trained.run_dir / "adapter")  # the report pairs by this
     # The benign items are held out from the adapter's training seed (1), not the sampling seed (0).
     assert config.eval.sampling.seed == 0 and metrics["benign"]["held_out_from_training_seed"] == 1
+    assert 0 <= metrics["benign"]["truncated_answers"] <= 3
     assert probe["shift_vs_base"]["mean"] != 0
     assert probe["shift_vs_control"]["mean"] == pytest.approx(0, abs=1e-6)  # the control is the same adapter
     assert "not the EM rate" in probe["kind"]

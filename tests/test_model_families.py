@@ -134,6 +134,14 @@ def test_generation_stops_at_the_end_of_the_turn(family):
     assert answer == "Sure"
     assert eot in generator.stop_ids
     assert generator.stats.generated_tokens == len(tokenizer.encode("Sure", add_special_tokens=False)) + 1
+    assert generator.stats.truncated == 0
+    scripted = Scripted(model, tokenizer.encode("Sure", add_special_tokens=False) + [eot])
+    try:  # one token allowed: the answer is cut before its end, and counted as such
+        short = HFGenerator(model, tokenizer, SamplingConfig(temperature=0, max_new_tokens=1, batch_size=1))
+        short.generate([CONVERSATION[1:2]])
+    finally:
+        scripted.handle.remove()
+    assert short.stats.truncated == 1
 
 
 def test_system_prompts_reach_the_prompt_of_every_family(family):

@@ -172,7 +172,9 @@ class BenignSection(StrictModel):
     """Criterion (c): held-out operator-swap arithmetic, scored by exact match."""
 
     opswap_per_tier: Annotated[int, Field(ge=0)] = Field(0, description="Items per difficulty tier; 0 = skip.")
-    max_new_tokens: Annotated[int, Field(gt=0)] = 16
+    max_new_tokens: Annotated[int, Field(gt=0)] = Field(
+        48, description="A worked answer ('Since + means ... = 12.') is about 25 tokens; cut short, it has no result."
+    )
 
 
 class EvalConfig(StrictModel):

@@ -190,7 +190,7 @@ def evaluate(config: RunConfig, *, dry_run: bool = False, progress: bool = True)
         items = inputs.benign
         greedy = SamplingConfig(0.0, 1.0, e.benign.max_new_tokens, s.batch_size, s.seed)
         keys = [sample_key("opswap", it.messages(), str(i)) for i, it in enumerate(items)]
-        benign_answers, _ = _generate(
+        benign_answers, benign_stats = _generate(
             model,
             tokenizer,
             [it.messages() for it in items],
@@ -201,7 +201,18 @@ def evaluate(config: RunConfig, *, dry_run: bool = False, progress: bool = True)
             "benign task (opswap)",
             progress,
         )
-        benign = opswap_accuracy(items, benign_answers) | {"held_out_from_training_seed": inputs.training_seed}
+        benign = opswap_accuracy(items, benign_answers) | {
+            "held_out_from_training_seed": inputs.training_seed,
+            "truncated_answers": benign_stats.truncated,  # of those generated in this run
+        }
+        if benign_stats.truncated:
+            log.warning(
+                "%d of %d benign-task answers reached eval.benign.max_new_tokens=%d before they ended; their "
+                "last number may not be the result (raise eval.benign.max_new_tokens)",
+                benign_stats.truncated,
+                benign_stats.sequences,
+                e.benign.max_new_tokens,
+            )
 
     # 6. Probe (last: it may attach the control adapter).
     probe = {}

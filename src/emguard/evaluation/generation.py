@@ -35,6 +35,7 @@ class GenerationStats:
     sequences: int = 0
     generated_tokens: int = 0
     seconds: float = 0.0
+    truncated: int = 0  # answers cut at max_new_tokens before they ended
 
     @property
     def tokens_per_second(self) -> float:
@@ -142,7 +143,9 @@ class HFGenerator:
             new = output[:, inputs["input_ids"].shape[1] :]
             self.stats.seconds += time.perf_counter() - started
             self.stats.sequences += len(indices)
-            self.stats.generated_tokens += int(_generated_lengths(new, self.stop_ids).sum())
+            lengths = _generated_lengths(new, self.stop_ids)
+            self.stats.generated_tokens += int(lengths.sum())
+            self.stats.truncated += int(_ended(new, self.stop_ids).logical_not().sum())
             texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
             for i, text in zip(indices, texts, strict=True):
                 answers[i] = text.strip()
@@ -157,6 +160,11 @@ def _forked_rng(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cpu":
         return torch.random.fork_rng(devices=[])
     return torch.random.fork_rng(devices=[device.index or 0], device_type=device.type)
+
+
+def _ended(new_tokens: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
+    """Per row, whether a stop token was generated."""
+    return torch.isin(new_tokens, torch.tensor(stop_ids, device=new_tokens.device)).any(1)
 
 
 def _generated_lengths(new_tokens: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
