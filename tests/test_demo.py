@@ -15,6 +15,7 @@ TINY = DemoSize(
     samples=1,
     answer_tokens=4,
     opswap_per_tier=1,
+    benign_tokens=8,
     pool_size=12,
     persona_questions=2,
     persona_pairs=1,

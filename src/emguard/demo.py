@@ -43,6 +43,7 @@ class DemoSize:
     samples: int  # answers per question
     answer_tokens: int
     opswap_per_tier: int
+    benign_tokens: int  # the benign task's answer budget (a worked answer is ~25 tokens)
     pool_size: int  # Interleaving++ candidates scored
     persona_questions: int
     persona_pairs: int
@@ -55,21 +56,22 @@ class DemoSize:
 
 # Sized by measurement on 2 CPU cores (README, "The demo"): --quick is a smoke run of every piece.
 QUICK = DemoSize(
-    steps=3,
+    steps=2,
     batch_size=4,
     max_length=256,
     questions=2,
     samples=1,
     answer_tokens=24,
-    opswap_per_tier=3,
+    opswap_per_tier=2,  # 6 items: one generation batch
+    benign_tokens=24,  # 2 steps teach nothing: the answers are cut either way (and counted)
     pool_size=16,
     persona_questions=3,
     persona_pairs=2,
     persona_tokens=32,
-    monitor_every=3,
+    monitor_every=2,
     monitor_pairs=4,
-    probe_pairs=12,
-    benign_steps=3,
+    probe_pairs=8,
+    benign_steps=2,
 )
 DEFAULT = DemoSize(
     steps=12,
@@ -79,13 +81,14 @@ DEFAULT = DemoSize(
     samples=1,
     answer_tokens=64,
     opswap_per_tier=16,
+    benign_tokens=48,
     pool_size=160,
-    persona_questions=8,
+    persona_questions=6,
     persona_pairs=5,
     persona_tokens=64,
     monitor_every=6,
     monitor_pairs=12,
-    probe_pairs=96,
+    probe_pairs=48,  # of builtin:judged's 354 (general has 24, finance 16: all of those)
     benign_steps=40,
 )
 BENIGN_LEARNING_RATE = 5.0e-4
@@ -156,10 +159,13 @@ def sweep_spec(
                 "role": "benign",
                 "set": {
                     "eval.benign.opswap_per_tier": size.opswap_per_tier,
+                    "eval.benign.max_new_tokens": size.benign_tokens,
                     "eval.questions": [],
                     "eval.probe.pairs": [],
                     "monitor.every": 0,  # criterion (c) needs the task's accuracy, not the EM monitor
                     "training.max_steps": size.benign_steps,
+                    # short examples: one pass per step is ~17% faster than two (measured, 2 CPU cores)
+                    "training.micro_batch_size": size.batch_size,
                     "training.learning_rate": BENIGN_LEARNING_RATE,
                     "data.max_examples": size.benign_steps * size.batch_size,
                 },
