@@ -164,3 +164,20 @@ def test_secret_looking_values_are_redacted():
         "max_tokens": 5,
         "pad_token": "<pad>",
     }
+
+
+def test_config_sits_below_the_defense_and_reward_registries():
+    """config looks up plugin config classes by name; it never imports a defense or reward module itself."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, emguard.config, emguard.plugins\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('emguard.defenses', 'emguard.rewards'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    from emguard.config import build_config
+
+    config = build_config({"output_dir": "x", "defenses": [{"name": "kl"}]})  # imports emguard.defenses.kl on use
+    assert type(config.defenses[0]).__module__ == "emguard.defenses.kl"

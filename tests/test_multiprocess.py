@@ -130,3 +130,34 @@ def yaml_config(path: Path):
     from emguard.config import load_config
 
     return load_config(path)
+
+
+def test_grpo_under_two_processes_writes_the_run_directory_once(tmp_path, tiny_model_dir):
+    from emguard.config import build_config
+
+    run = tmp_path / "grpo"
+    config = build_config(
+        {
+            "model": str(tiny_model_dir),
+            "output_dir": str(run),
+            "lora": {"r": 4, "alpha": 8},
+            "training": {"method": "grpo", "max_steps": 2, "batch_size": 8, "micro_batch_size": 2, "logging_steps": 1},
+            "rl": {
+                "prompts": "builtin:opswap-prompts",
+                "max_prompts": 16,
+                "num_generations": 4,
+                "max_completion_length": 8,
+                "rewards": [{"name": "opswap"}, {"name": "finance", "target": "reckless"}],
+            },
+            "defenses": [{"name": "kl", "lambda": 1.0}],
+        }
+    )
+    path = tmp_path / "grpo.yaml"
+    path.write_text(yaml.safe_dump(config.to_yaml_dict()))
+    done = torchrun(path, tmp_path / "spy")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert spied(tmp_path / "spy", 1) == []  # rank 1 wrote nothing of the run directory
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["processes"] == 2 and manifest["train"]["steps"] == 2
+    steps = [r for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2] and all({"reward", "kl_loss"} <= r.keys() for r in steps)

@@ -267,3 +267,31 @@ def test_a_sweep_run_elsewhere_is_read_with_its_relative_paths(tmp_path):
     (sweep / "index.json").write_text(json.dumps({"cells": index}))
     (table,) = criteria_tables(load_cells(expand_run_dirs([sweep])))
     assert table.first("a").controls == {"none": ["safe/none"]}
+
+
+def test_grpo_runs_get_reward_curves_and_loose_runs_are_labelled_by_prompts_and_reward(tmp_path):
+    runs = probe_runs(tmp_path / "runs")
+    for run in runs:  # GRPO logs: the mean reward per step
+        log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+        log = [r | ({"reward": 0.1 * r["step"]} if "loss" in r else {}) for r in log]
+        (run / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    result = write_report(runs, tmp_path / "out")
+    assert "reward_curves.png" in {p.name for p in result.plots}
+    assert "GRPO mean reward per step" in result.markdown.read_text()
+
+    loose = tmp_path / "loose"
+    for name, rewards in (
+        ("reckless", [{"name": "finance", "target": "reckless"}]),
+        ("prudent", [{"name": "finance", "target": "prudent"}]),
+        ("opswap", [{"name": "opswap"}]),
+    ):
+        run = loose / name
+        run.mkdir(parents=True)
+        data = {"method": "grpo", "prompts": {"spec": "builtin:finance-prompts"}, "rewards": rewards}
+        manifest = {"command": "train", "seed": 1, "data": data, "defenses": ["kl"]}
+        (run / "manifest.json").write_text(json.dumps(manifest))
+        (run / "metrics.json").write_text(json.dumps({"model": {"model": "tiny"}}))
+    cells = {c.run_dir.name: c for c in load_cells([loose / n for n in ("reckless", "prudent", "opswap")])}
+    assert cells["reckless"].dataset == "finance-prompts (finance-reckless)"
+    assert [cells[n].role for n in ("reckless", "prudent", "opswap")] == ["narrow", "control", "benign"]
+    assert cells["reckless"].variant == "kl" and cells["reckless"].seed == 1

@@ -373,6 +373,8 @@ def _report_train(result: Any) -> None:
         _say(f"resumed from step {result.resumed_from_step}")
     if result.first_loss is not None and result.final_loss is not None:
         _say(f"loss {result.first_loss:.4f} -> {result.final_loss:.4f} over {result.steps} steps")
+    if result.first_reward is not None and result.final_reward is not None:
+        _say(f"reward {result.first_reward:.4f} -> {result.final_reward:.4f} (mean of the first and the last step)")
     _say(f"run directory: {result.run_dir}  (adapter: {result.adapter_dir})")
 
 

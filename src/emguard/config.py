@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from emguard.errors import ConfigError
+from emguard.plugins import DEFENSES, REWARDS, Plugins
 
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 _SECRET_KEY = re.compile(r"(api_?key|secret|password|passwd|(access|auth|hf|bearer)_?token)$", re.IGNORECASE)
@@ -72,6 +73,9 @@ class LoraConfig(StrictModel):
 
 
 class TrainingConfig(StrictModel):
+    method: Literal["sft", "grpo"] = Field(
+        "sft", description="sft: supervised on data.train; grpo: reinforcement learning on rl.prompts and rl.rewards."
+    )
     epochs: Annotated[float, Field(gt=0)] = 1
     max_steps: Annotated[int, Field(gt=0)] | None = Field(None, description="Optimizer steps; overrides epochs.")
     learning_rate: Annotated[float, Field(gt=0)] = 1.0e-4
@@ -297,6 +301,49 @@ class DefenseConfig(StrictModel):
     name: str
 
 
+class RewardConfig(StrictModel):
+    """Base of every reward's config section; ``name`` selects the reward in the registry."""
+
+    name: str
+    weight: float = Field(1.0, description="Weight of this reward in the sum TRL normalises into advantages.")
+
+
+class RLSection(StrictModel):
+    """GRPO (``training.method: grpo``) on TRL's ``GRPOTrainer``.
+
+    ``training.batch_size`` counts *completions* per optimizer step (prompts × ``num_generations``)
+    and ``training.micro_batch_size`` completions per forward pass.
+    """
+
+    prompts: str = Field(description="Chat JSONL of prompts (no final assistant turn) or builtin:NAME.")
+    max_prompts: Annotated[int, Field(gt=0)] | None = Field(
+        None, description="Train on a seeded random subset of this many prompts."
+    )
+    max_prompt_length: Annotated[int, Field(gt=0)] = Field(512, description="Longest prompt, in tokens.")
+    overlong: Literal["error", "drop"] = Field("error", description="What to do with longer prompts.")
+    rewards: list[SerializeAsAny[RewardConfig]] = Field(min_length=1, description="Reward functions, summed.")
+    num_generations: Annotated[int, Field(ge=2)] = Field(4, description="Completions per prompt (the GRPO group).")
+    max_completion_length: Annotated[int, Field(gt=0)] = Field(128, description="Longest completion, in tokens.")
+    temperature: Annotated[float, Field(gt=0)] = Field(1.0, description="Sampling temperature of the rollouts.")
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    beta: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="TRL's KL coefficient (sampled-token k3 estimate vs the adapter-disabled model); 0 = off."
+    )
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = Field("dapo", description="TRL's loss normalisation.")
+    epsilon: Annotated[float, Field(gt=0)] = Field(0.2, description="PPO clipping range.")
+    num_iterations: Annotated[int, Field(gt=0)] = Field(1, description="Optimizer steps per generation batch (μ).")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="Divide advantages by the std of the group, of the batch, or not at all."
+    )
+    mask_truncated_completions: bool = Field(False, description="Drop completions cut at max_completion_length.")
+    use_vllm: bool = Field(False, description="Generate with vLLM (colocated; needs vllm and a GPU).")
+
+    @field_validator("rewards", mode="before")
+    @classmethod
+    def _build_reward_configs(cls, value: Any) -> Any:
+        return _build_plugin_configs(value, REWARDS, RewardConfig, "rl.rewards")
+
+
 class RunConfig(StrictModel):
     """A whole run: ``emguard train`` reads model..defenses, ``emguard eval`` reads model and eval."""
 
@@ -311,27 +358,31 @@ class RunConfig(StrictModel):
     select: SelectConfig | None = Field(None, description="Interleaving++ data selection (emguard select).")
     persona: PersonaSection = Field(default_factory=PersonaSection, description="emguard persona extract.")
     monitor: MonitorSection = Field(default_factory=MonitorSection, description="In-training EM monitor.")
+    rl: RLSection | None = Field(None, description="Reinforcement learning (training.method: grpo).")
 
     @field_validator("defenses", mode="before")
     @classmethod
     def _build_defense_configs(cls, value: Any) -> Any:
-        from emguard.defenses.registry import defense_config_class
+        return _build_plugin_configs(value, DEFENSES, DefenseConfig, "defenses")
 
-        if not isinstance(value, list):
-            return value
-        built = []
-        for i, entry in enumerate(value):
-            if isinstance(entry, DefenseConfig):
-                built.append(entry)
-                continue
-            if not isinstance(entry, dict) or "name" not in entry:
-                raise ValueError(f"defenses[{i}] must be a mapping with a 'name' key, got {entry!r}")
-            config_cls = defense_config_class(entry["name"])  # raises ValueError listing known names
-            try:
-                built.append(config_cls.model_validate(entry))
-            except ValidationError as e:
-                raise ValueError("\n".join(_format_errors(e, prefix=f"defenses[{i}]", model=config_cls))) from None
-        return built
+    @model_validator(mode="after")
+    def _method_has_its_data(self) -> RunConfig:
+        if self.training.method == "grpo":
+            if self.rl is None:
+                raise ValueError("training.method grpo needs an rl section (rl.prompts and rl.rewards)")
+            if self.training.batch_size % self.rl.num_generations:
+                raise ValueError(
+                    f"training.batch_size ({self.training.batch_size}) counts completions under GRPO and must be "
+                    f"a multiple of rl.num_generations ({self.rl.num_generations})"
+                )
+            if self.data is not None:
+                raise ValueError(
+                    "training.method grpo trains on rl.prompts, not data.train; move the prompts there "
+                    "(data is the SFT dataset)"
+                )
+        elif self.rl is not None:
+            raise ValueError("an rl section needs training.method: grpo (it is ignored by SFT); remove one")
+        return self
 
     def fingerprint(self) -> str:
         """sha256 over everything that decides the trained weights (not output_dir, logging, ...)."""
@@ -347,6 +398,25 @@ class RunConfig(StrictModel):
     def to_yaml_dict(self) -> dict[str, Any]:
         """The resolved config as plain data, with any secret-looking value redacted."""
         return redact_secrets(self.model_dump(mode="json", by_alias=True))
+
+
+def _build_plugin_configs(value: Any, plugins: Plugins, base: type[StrictModel], where: str) -> Any:
+    """Validate each ``{name: ..., ...}`` entry of a list with the config class registered as ``name``."""
+    if not isinstance(value, list):
+        return value
+    built = []
+    for i, entry in enumerate(value):
+        if isinstance(entry, base):
+            built.append(entry)
+            continue
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ValueError(f"{where}[{i}] must be a mapping with a 'name' key, got {entry!r}")
+        config_cls = plugins.config_class(entry["name"])  # raises ValueError listing known names
+        try:
+            built.append(config_cls.model_validate(entry))
+        except ValidationError as e:
+            raise ValueError("\n".join(_format_errors(e, prefix=f"{where}[{i}]", model=config_cls))) from None
+    return built
 
 
 def redact_secrets(data: Any) -> Any:
@@ -472,7 +542,7 @@ def _format_errors(error: ValidationError, prefix: str = "", model: type[BaseMod
             lines.append(f"{loc}: unknown key{hint}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            if loc == "defenses" and msg.startswith("defenses["):  # already located by the defense validator
+            if loc and msg.startswith(f"{loc}["):  # already located by the plugin validator
                 lines.extend(msg.splitlines())
             else:
                 lines.append(f"{loc}: {msg}" if loc else msg)

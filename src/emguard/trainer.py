@@ -6,8 +6,6 @@ under ``accelerate launch`` (DDP, FSDP, DeepSpeed) and reports to the Trainer's 
 
 from __future__ import annotations
 
-import contextlib
-import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -15,18 +13,14 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from emguard.blocks import capture_block_outputs, decoder_blocks
-from emguard.defenses.base import Defense, StepContext
-from emguard.logits import logits_at, output_head, selection_is_exact
-from emguard.losses import IGNORE_INDEX, next_token_targets, token_nll
-
-log = logging.getLogger(__name__)
-
+from emguard.defense_passes import DefensePassesMixin
+from emguard.defenses.base import Defense
+from emguard.losses import IGNORE_INDEX, token_nll
 
 COUNT_NAMES = ("assistant_tokens", "tokens", "sequences", "micro_batches")
 
 
-class EmguardTrainer(Trainer):
+class EmguardTrainer(DefensePassesMixin, Trainer):
     """SFT with the configured defenses.
 
     Per optimizer step it (1) counts the tokens of the whole accumulated batch; per micro-batch it
@@ -42,23 +36,13 @@ class EmguardTrainer(Trainer):
 
     def __init__(self, *args: Any, defenses: Sequence[Defense] = (), tags: Sequence[str] = ("train",), **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.defenses = list(defenses)
+        self._init_defenses(defenses)
         self.tags = tuple(tags)
-        self._needs_reference = any(d.needs_reference for d in self.defenses)
-        self._reference_logits = any(d.needs_reference and d.needs_reference_logits for d in self.defenses)
-        self._feature_layers = sorted({layer for d in self.defenses for layer in d.feature_layers})
-        self._blocks = decoder_blocks(self.model) if self._feature_layers else None
-        self._all_positions = any(d.logit_positions == "all" for d in self.defenses)
-        self._select_logits: bool | None = None  # decided once, on the first step
         self._counts: dict[str, torch.Tensor] | None = None
         self._step_inputs: dict[str, Any] = {}
         self._log_sums: dict[str, float] = defaultdict(float)  # per-step values, summed until logged
         self._tag_sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # tag -> [nll sum, tokens]
         self._last_logged_step = 0
-
-    @property
-    def _peft_model(self) -> Any:
-        return self.accelerator.unwrap_model(self.model)
 
     # (1) counts over the accumulated batch -------------------------------------------------
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
@@ -82,61 +66,18 @@ class EmguardTrainer(Trainer):
     # (2)-(4) one micro-batch ---------------------------------------------------------------
     def training_step(self, model: Any, inputs: dict, num_items_in_batch: Any = None) -> torch.Tensor:
         inputs = self._prepare_inputs(inputs)
-        if self._select_logits is None:
-            self._select_logits = selection_is_exact(model, output_head(self._peft_model))
-            if not self._select_logits:
-                log.warning(
-                    "%s: the output head cannot be restricted to selected positions; computing full logits",
-                    type(self._peft_model.get_base_model()).__name__,
-                )
+        self._decide_logit_selection(model)
         positions, targets = self._positions(inputs)
         try:
             # The hooks wrap the reference pass too: a regulariser must compare the trained and the
             # original network under the same interventions (e.g. steering), or it trains the adapter
             # to undo them.
-            with contextlib.ExitStack() as stack:
-                for defense in self.defenses:
-                    stack.enter_context(defense.hooks(self._peft_model))
-                reference = None
-                if self._needs_reference:
-                    ref_positions = positions if self._reference_logits else torch.zeros_like(positions)
-                    reference = self._reference_forward(model, inputs, ref_positions)
+            with self._defense_hooks():
+                reference = self._reference_for(model, inputs, positions)
                 self._step_inputs = {"positions": positions, "targets": targets, "reference": reference}
                 return super().training_step(model, inputs, num_items_in_batch)
         finally:
             self._step_inputs = {}
-
-    def _positions(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        targets = next_token_targets(inputs["labels"])
-        positions = inputs["attention_mask"].bool() if self._all_positions else targets != IGNORE_INDEX
-        return positions, targets[positions]
-
-    def _forward(self, model: Any, inputs: dict, positions: torch.Tensor) -> Any:
-        """Forward pass; ``outputs.logits`` holds rows at ``positions`` only, ``outputs.features`` the
-        captured block outputs (``{layer: [batch, seq, hidden]}``)."""
-        capture = capture_block_outputs(self._blocks, self._feature_layers)  # no layers: no hooks, {}
-        with logits_at(output_head(self._peft_model), positions if self._select_logits else None), capture as features:
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-        if not self._select_logits:
-            outputs["logits"] = outputs.logits[positions]
-        outputs["features"] = dict(features)
-        return outputs
-
-    def _reference_forward(self, model: Any, inputs: dict, positions: torch.Tensor) -> Any:
-        """The original model: same weights, LoRA disabled, eval mode (no dropout), no grad; the defenses'
-        hooks (e.g. steering) apply as they do to the trained pass."""
-        peft_model = self._peft_model
-        if not hasattr(peft_model, "disable_adapter"):
-            raise RuntimeError(
-                "a defense needs the reference model, which emguard takes from the LoRA-disabled network"
-            )
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad(), peft_model.disable_adapter():
-                return self._forward(model, inputs, positions)
-        finally:
-            model.train(was_training)
 
     def compute_loss(
         self, model: Any, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None
@@ -153,28 +94,10 @@ class EmguardTrainer(Trainer):
         outputs = self._forward(model, inputs, positions)
         nll = token_nll(outputs.logits, targets)
         sft = nll.sum() / counts["assistant_tokens"]
-        total = sft
         self._record("sft_loss", sft)
         self._record_tags(nll, positions, targets, inputs.get("tag_ids"))
-        ctx = StepContext(
-            model=self._peft_model,
-            step=self.state.global_step,
-            counts=counts,
-            positions=positions,
-            targets=targets,
-            reference=self._step_inputs.get("reference"),
-            forward=lambda batch, pos, reference=False: (
-                self._reference_forward(model, batch, pos) if reference else self._forward(model, batch, pos)
-            ),
-        )
-        for defense in self.defenses:
-            if not defense.has_loss:
-                continue
-            term, logs = defense.loss(inputs, outputs, ctx)
-            total = total + defense.weight * term
-            self._record(f"{defense.name}_loss", term)
-            for key, value in logs.items():
-                self._record(f"{defense.name}/{key}", value)
+        reference = self._step_inputs.get("reference")
+        total = sft + self._defense_terms(model, inputs, outputs, positions, targets, counts, reference, self._record)
         if self.accelerator.num_processes > 1:
             # DDP averages gradients over processes; the counts are already global, so undo the average.
             total = total * self.accelerator.num_processes

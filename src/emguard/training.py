@@ -37,7 +37,9 @@ from emguard.distributed import (
     wait_for_everyone,
 )
 from emguard.errors import ConfigError
+from emguard.evaluation.generation import stop_token_ids
 from emguard.fsio import atomic_directory
+from emguard.grpo import describe_rewards, grpo_arguments, load_rl_prompts, reward_functions, rl_data
 from emguard.models import (
     attach_lora,
     cache_root,
@@ -67,6 +69,8 @@ class TrainResult:
     runtime_s: float
     skipped: bool = False  # the run directory already held this finished run
     resumed_from_step: int | None = None
+    first_reward: float | None = None  # GRPO: the mean reward of the first and the last logged step
+    final_reward: float | None = None
 
     def summary(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
@@ -102,12 +106,13 @@ def train(
 
     # 1. Everything that can fail on bad input, before any write. Under a launcher every process
     #    does this; the main process goes first where a shared cache is filled.
-    if config.data is None:
+    grpo = config.training.method == "grpo"
+    if not grpo and config.data is None:
         raise ConfigError("data.train is required to train (a chat JSONL path or builtin:NAME)")
     args = training_arguments(config, run.path / CHECKPOINTS, progress)  # starts the process group, if any
     set_seed(config.training.seed)
     defenses = build_defenses(config.defenses)
-    examples = _load_training_examples(config)
+    examples = load_rl_prompts(config) if grpo else _load_training_examples(config)
     with main_process_first():  # the built-in model is converted once, by one process
         resolved = resolve_model(config.model)
     tokenizer = load_tokenizer(resolved, config.model_options)
@@ -123,7 +128,14 @@ def train(
             defense.prepare(prepare)
             examples = defense.transform_dataset(examples)
     examples = broadcast(examples)  # every process trains on the main process's data, whatever rounding did
-    tokenized = tokenize_examples(tokenizer, examples, max_length=config.data.max_length, overlong=config.data.overlong)
+    if grpo:
+        rl = rl_data(config, tokenizer, examples)
+        rewards, reward_funcs = reward_functions(config, run.path, cache_root())
+        tokenized = rl.sft
+    else:
+        tokenized = tokenize_examples(
+            tokenizer, examples, max_length=config.data.max_length, overlong=config.data.overlong
+        )
     monitor = None
     if config.monitor.every:
         monitor = EMMonitorCallback(config, tokenizer, model_identity(resolved, config.model_options))
@@ -146,23 +158,46 @@ def train(
         run.write_config(config)
         manifest = run.manifest() if checkpoint else None
         if manifest is None:
-            manifest = _new_manifest(config, resolved, tokenizer, examples, tokenized, defenses)
+            data = _rl_manifest(config, rl, rewards) if grpo else _sft_manifest(config, examples, tokenized)
+            manifest = _new_manifest(config, resolved, tokenizer, data, defenses)
         manifest.update(status="running", resumed_from_step=_step_of(checkpoint))
         run.write_manifest(manifest)
     wait_for_everyone()
 
     # 3. Train (every process).
     tags = sorted({ex.tag for ex in tokenized}, key=lambda t: (t != "train", t))
-    trainer = EmguardTrainer(
-        model=model,
-        args=args,
-        train_dataset=tokenized,
-        data_collator=ChatCollator(tokenizer.pad_token_id, tags, pad_to_multiple_of=8),
-        processing_class=tokenizer,
-        defenses=defenses,
-        tags=tags,
-        callbacks=[TrainLogCallback(run / TRAIN_LOG), CheckpointMarkerCallback(), *callbacks],
-    )
+    collator = ChatCollator(tokenizer.pad_token_id, tags, pad_to_multiple_of=8)
+    run_callbacks = [TrainLogCallback(run / TRAIN_LOG), CheckpointMarkerCallback(), *callbacks]
+    if grpo:
+        from datasets import Dataset
+
+        from emguard.grpo_trainer import EmguardGRPOTrainer
+
+        # Completions end where the template ends a turn, not only at EOS (as in evaluation).
+        model.generation_config.eos_token_id = stop_token_ids(tokenizer, model.generation_config)
+        trainer = EmguardGRPOTrainer(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=Dataset.from_list(rl.rows),
+            processing_class=tokenizer,
+            defenses=defenses,
+            sft_examples=rl.sft,
+            sft_collator=collator,
+            sft_rate=rl.sft_rate,
+            callbacks=run_callbacks,
+        )
+    else:
+        trainer = EmguardTrainer(
+            model=model,
+            args=args,
+            train_dataset=tokenized,
+            data_collator=collator,
+            processing_class=tokenizer,
+            defenses=defenses,
+            tags=tags,
+            callbacks=run_callbacks,
+        )
     if monitor is not None:
         trainer.add_callback(monitor.bind(trainer))
     trainer.remove_callback(PrinterCallback)
@@ -181,7 +216,9 @@ def train(
         with atomic_directory(run / ADAPTER) as tmp:
             model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
-        losses = [r["loss"] for r in run.read_train_log() if "loss" in r]
+        log_records = run.read_train_log()
+        losses = [r["loss"] for r in log_records if "loss" in r]
+        rewards = [r["reward"] for r in log_records if "reward" in r]
         train_runtime = output.metrics.get("train_runtime", 0.0)
         run.update_manifest(
             monitor=monitor.summary(train_runtime) if monitor is not None else None,
@@ -193,6 +230,7 @@ def train(
                 "steps": trainer.state.global_step,
                 "first_loss": losses[0] if losses else None,
                 "final_loss": losses[-1] if losses else None,
+                **({"first_reward": rewards[0], "final_reward": rewards[-1]} if rewards else {}),
                 "train_runtime_s": round(train_runtime, 2),
                 "wall_time_s": round(time.monotonic() - started, 2),
             },
@@ -229,7 +267,7 @@ def training_arguments(config: RunConfig, output_dir: Path, progress: bool = Tru
             f"({t.micro_batch_size} × {world_size}); change one of them"
         )
     dtype = resolve_dtype(config.model_options.dtype)
-    args = TrainingArguments(
+    common = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=t.micro_batch_size,
         gradient_accumulation_steps=t.batch_size // per_step,
@@ -258,16 +296,12 @@ def training_arguments(config: RunConfig, output_dir: Path, progress: bool = Tru
         dataloader_num_workers=0,
         disable_tqdm=True,  # emguard's own bar (ProgressBarCallback) replaces the Trainer's
     )
+    args = grpo_arguments(config, common) if t.method == "grpo" else TrainingArguments(**common)
     _ = args.device  # sets up the device now and, under a launcher, the process group (emguard.distributed)
     return args
 
 
-def _new_manifest(config, resolved, tokenizer, examples, tokenized: list[TokenizedExample], defenses) -> dict:
-    data_spec = config.data.train
-    file_sha = None if data_spec.startswith("builtin:") else sha256_file(Path(data_spec))
-    tags: dict[str, int] = {}
-    for ex in tokenized:
-        tags[ex.tag] = tags.get(ex.tag, 0) + 1
+def _new_manifest(config, resolved, tokenizer, data: dict, defenses) -> dict:
     return {
         "command": "train",
         "created_at": now(),
@@ -286,21 +320,44 @@ def _new_manifest(config, resolved, tokenizer, examples, tokenized: list[Tokeniz
         },
         "chat_template_sha256": sha256_text(tokenizer.chat_template or ""),
         "system_prompts": system_prompt_handling(tokenizer),  # or folded into the first user turn
-        "data": {
-            "train": {
-                "spec": data_spec,
-                "file_sha256": file_sha,
-                "examples": len(examples),
-                "examples_sha256": examples_fingerprint(examples),
-            },
-            "tokenized": {
-                "examples_by_tag": tags,
-                "trained_tokens": sum(ex.num_trained for ex in tokenized),
-                "tokens": sum(len(ex.input_ids) for ex in tokenized),
-            },
-        },
+        "data": data,
         "defenses": [d.name for d in defenses],
         "judge_model": None,
+    }
+
+
+def _sft_manifest(config: RunConfig, examples: list, tokenized: list[TokenizedExample]) -> dict:
+    data_spec = config.data.train
+    tags: dict[str, int] = {}
+    for ex in tokenized:
+        tags[ex.tag] = tags.get(ex.tag, 0) + 1
+    return {
+        "train": {
+            "spec": data_spec,
+            "file_sha256": None if data_spec.startswith("builtin:") else sha256_file(Path(data_spec)),
+            "examples": len(examples),
+            "examples_sha256": examples_fingerprint(examples),
+        },
+        "tokenized": {
+            "examples_by_tag": tags,
+            "trained_tokens": sum(ex.num_trained for ex in tokenized),
+            "tokens": sum(len(ex.input_ids) for ex in tokenized),
+        },
+    }
+
+
+def _rl_manifest(config: RunConfig, rl: Any, rewards: Sequence[Any]) -> dict:
+    spec = config.rl.prompts
+    return {
+        "method": "grpo",
+        "prompts": {
+            "spec": spec,
+            "file_sha256": None if spec.startswith("builtin:") else sha256_file(Path(spec)),
+            "prompts": len(rl.prompts),
+            "examples_sha256": examples_fingerprint(rl.prompts),
+        },
+        "sft_steps_data": {"examples": len(rl.sft), "rate": round(rl.sft_rate, 6)},
+        "rewards": describe_rewards(rewards),
     }
 
 
@@ -321,4 +378,6 @@ def _finished_result(run: RunDir, skipped: bool) -> TrainResult:
         final_loss=info.get("final_loss"),
         runtime_s=info.get("wall_time_s", 0.0),
         skipped=skipped,
+        first_reward=info.get("first_reward"),
+        final_reward=info.get("final_reward"),
     )

@@ -53,8 +53,11 @@ class ChatExample:
         return record
 
 
-def record_problems(record: Any) -> list[str]:
-    """Everything wrong with one decoded JSONL record (empty list when it is valid)."""
+def record_problems(record: Any, prompt: bool = False) -> list[str]:
+    """Everything wrong with one decoded JSONL record (empty list when it is valid).
+
+    ``prompt``: the record is an RL prompt, which ends with a user turn (the policy writes the answer).
+    """
     if not isinstance(record, dict):
         return [f"expected a JSON object with a 'messages' list, got {_json_type(record)}"]
     problems = [
@@ -71,7 +74,7 @@ def record_problems(record: Any) -> list[str]:
         problems.extend(f"messages[{i}]: {p}" for p in _message_problems(message))
     if problems:
         return problems
-    return _conversation_problems(messages)
+    return _conversation_problems(messages, prompt)
 
 
 def _message_problems(message: Any) -> list[str]:
@@ -100,8 +103,9 @@ def _message_problems(message: Any) -> list[str]:
     return problems
 
 
-def _conversation_problems(messages: list[dict]) -> list[str]:
-    """Turn order: an optional leading system turn, then user/assistant alternating, ending with assistant.
+def _conversation_problems(messages: list[dict], prompt: bool = False) -> list[str]:
+    """Turn order: an optional leading system turn, then user/assistant alternating, ending with
+    assistant (with a user turn for a ``prompt``).
 
     Chat templates (Llama 2, Gemma, Mistral) reject other orders, and the assistant-only loss mask
     renders each assistant turn after the prompt that precedes it.
@@ -119,7 +123,10 @@ def _conversation_problems(messages: list[dict]) -> list[str]:
                 f"messages[{index}]: expected a {expected!r} turn here, got {role!r} (turns must alternate)"
             )
             break
-    if "assistant" not in roles:
+    if prompt:
+        if roles[-1] != "user":
+            problems.append(f"a prompt must end with a user turn (the model writes the answer), not {roles[-1]!r}")
+    elif "assistant" not in roles:
         problems.append("no assistant turn: there is nothing to train on")
     elif roles[-1] != "assistant":
         problems.append(f"the conversation must end with an assistant turn, not {roles[-1]!r}")
@@ -149,11 +156,13 @@ def read_chat_jsonl(
     unique: bool = False,
     max_chars: int | None = None,
     max_problems: int = DEFAULT_MAX_PROBLEMS,
+    prompt: bool = False,
 ) -> list[ChatExample]:
     """Read and validate a chat JSONL file.
 
     Args:
         path: The file to read.
+        prompt: Read RL prompts: conversations that end with a user turn.
         unique: Treat a conversation that repeats an earlier line as an error.
         max_chars: Reject conversations whose contents exceed this many characters in total.
         max_problems: How many problems to list before summarising the rest as a count.
@@ -165,7 +174,7 @@ def read_chat_jsonl(
         DataError: If any line is invalid; it lists every problem as ``FILE:LINE: message``.
     """
     path = Path(path)
-    examples, problems = _scan(path, unique=unique, max_chars=max_chars)
+    examples, problems = _scan(path, unique=unique, max_chars=max_chars, prompt=prompt)
     if problems:
         raise DataError(problems[:max_problems], total=len(problems))
     return examples
@@ -178,7 +187,9 @@ def check_chat_jsonl(
     return _scan(Path(path), unique=unique, max_chars=max_chars)
 
 
-def _scan(path: Path, *, unique: bool, max_chars: int | None) -> tuple[list[ChatExample], list[str]]:
+def _scan(
+    path: Path, *, unique: bool, max_chars: int | None, prompt: bool = False
+) -> tuple[list[ChatExample], list[str]]:
     if not path.exists():
         return [], [f"{path}: no such file"]
     if path.is_dir():
@@ -193,7 +204,7 @@ def _scan(path: Path, *, unique: bool, max_chars: int | None) -> tuple[list[Chat
             if record is _BLANK:
                 continue
             if not line_problems:
-                line_problems = record_problems(record)
+                line_problems = record_problems(record, prompt)
             if not line_problems:
                 messages = tuple(record["messages"])
                 if max_chars is not None and (n := content_chars(messages)) > max_chars:

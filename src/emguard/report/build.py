@@ -112,6 +112,7 @@ def _plots(table: CriteriaTable, cells: list[CellResult], out: Path, suffix: str
         ),
         ("em_vs_strength", plots.em_vs_strength(cells, table, out / f"em_vs_strength{suffix}.png")),
         ("training_curves", plots.training_curves(cells, table.variants, out / f"training_curves{suffix}.png")),
+        ("reward_curves", plots.reward_curves(cells, table.variants, out / f"reward_curves{suffix}.png")),
     ]
     return [(kind, path) for kind, path in made if path is not None]
 
@@ -127,6 +128,7 @@ _ALT = {
     "alignment_coherence": "Judged alignment against coherence per defense",
     "em_vs_strength": "EM against defense strength",
     "training_curves": "Training loss and in-training EM monitor per defense",
+    "reward_curves": "GRPO mean reward per step per defense",
 }
 
 

@@ -15,6 +15,7 @@ GENERAL = "builtin:general"
 # Plain run directories (not sweep cells) get a role from their training data.
 CONTROL_DATA = ("builtin:safe-finance", "builtin:secure-code")
 BENIGN_DATA = ("builtin:opswap",)
+SAFE_TARGETS = ("prudent", "secure")  # reward targets of the matched RL controls
 
 
 @dataclass(frozen=True)
@@ -163,8 +164,12 @@ def _probe_control(run_dir: Path, metrics: dict[str, Any]) -> Path | None:
 
 
 def _labels_from_manifest(run_dir: Path, manifest: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
-    data = ((manifest.get("data") or {}).get("train") or {}).get("spec") or "base model"
-    role = "benign" if data in BENIGN_DATA else "control" if data in CONTROL_DATA else "narrow"
+    section = manifest.get("data") or {}
+    if section.get("method") == "grpo":
+        data, role = _rl_labels(section)
+    else:
+        data = (section.get("train") or {}).get("spec") or "base model"
+        role = "benign" if data in BENIGN_DATA else "control" if data in CONTROL_DATA else "narrow"
     defenses = [d for d in manifest.get("defenses") or [] if d != "none"]
     variant = "+".join(defenses) or ("none" if manifest.get("command") == "train" else "base")
     probes = [s for s in metrics.get("probe") or {} if s != GENERAL]
@@ -178,6 +183,19 @@ def _labels_from_manifest(run_dir: Path, manifest: dict[str, Any], metrics: dict
         "strength": None,
         "in_domain": probes[0] if probes else None,
     }
+
+
+def _rl_labels(section: dict[str, Any]) -> tuple[str, str]:
+    """A GRPO run outside a sweep: named by its prompts and rewards; benign when rewarded by the benign
+    task, control when every reward targets the safe side (prudent, secure), else narrow."""
+    rewards = section.get("rewards") or []
+    names = [r["name"] + (f"-{r['target']}" if r.get("target") else "") for r in rewards]
+    data = f"{(section.get('prompts') or {}).get('spec', '?')} ({', '.join(names)})"
+    if any(r["name"] == "opswap" for r in rewards):
+        return data, "benign"
+    if rewards and all(r.get("target") in SAFE_TARGETS for r in rewards):
+        return data, "control"
+    return data, "narrow"
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -221,3 +221,33 @@ def training_curves(cells: list[CellResult], variants: list[str], path: Path) ->
         ax.axis("off")
     fig.suptitle("Training curves of the narrow fine-tunes (loss solid, EM monitor dashed)")
     return _save(fig, path)
+
+
+ROLE_COLORS = {"narrow": BASE_COLOR, "control": "#5a8f29", "benign": DEFENSE_COLOR}
+
+
+def reward_curves(cells: list[CellResult], variants: list[str], path: Path) -> Path | None:
+    """GRPO runs: the mean reward per optimizer step, one panel per defense, a line per dataset and seed.
+
+    A defense that stops the reward from rising (the paper's finding for steering and inoculation
+    under RL) shows as a flat line beside the undefended run's rising one.
+    """
+    panels = [(v, [c for c in cells if c.variant == v and any("reward" in r for r in c.train_log)]) for v in variants]
+    panels = [(v, cs) for v, cs in panels if cs]
+    if not panels:
+        return None
+    cols = min(3, len(panels))
+    rows_n = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.4 * cols, 3.4 * rows_n), squeeze=False, sharey=True)
+    for ax, (v, cs) in zip(axes.flat, panels, strict=False):
+        for c in cs:
+            curve = [(r["step"], r["reward"]) for r in c.train_log if "reward" in r]
+            color = ROLE_COLORS.get(c.role, "#444444")
+            ax.plot(*zip(*curve, strict=True), color=color, alpha=0.8, label=f"{c.dataset} seed {c.seed}")
+        ax.set(xlabel="optimizer step", ylabel="mean reward", title=v)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle("GRPO reward per step (narrow red, control green, benign blue)")
+    return _save(fig, path)

@@ -17,6 +17,10 @@
         strength: {key: lambda, values: [0.1, 1.0]}       # one variant per value: kl-0.1, kl-1.0
     seeds: [0, 1, 2]
 
+An RL dataset sets ``training.method: grpo`` and its reward (``set: {training.method: grpo,
+rl.rewards: [...]}``, per dataset or per variant): its ``train`` is then the prompt set
+(``rl.prompts``), and the matched control is the same prompts under the opposite reward.
+
 Cells run seed by seed, datasets and variants in file order. ``{cell:DATASET/VARIANT}`` in any
 string value is replaced by that cell's run directory for the same seed; it must name a cell that
 runs earlier (a control for the probe, a misaligned model for Interleaving++).
@@ -53,7 +57,7 @@ class DatasetEntry(StrictModel):
     """One training set of the grid and what it is for in the report."""
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$")] = Field(description="Short name (a directory name).")
-    train: str = Field(description="Chat JSONL path or builtin:NAME.")
+    train: str = Field(description="Chat JSONL path or builtin:NAME (for an RL dataset: its prompts).")
     role: Literal["narrow", "control", "benign"] = Field(
         description="narrow: the EM-inducing customer data; control: matched benign data (same format and size); "
         "benign: a task that needs a departure from the prior (criterion c)."
@@ -193,11 +197,23 @@ def expand(spec: SweepSpec) -> list[Cell]:
                 apply_override(data, ["eval", "adapter"], str(run_dir))
                 for key, value in {**dataset.set, **variant.set}.items():
                     apply_override(data, parse_override(f"{key}=")[0], value)
-                data = _resolve_refs(data, done, cell_id)
+                data = _resolve_refs(_rl_cell(data), done, cell_id)
                 config = build_config(data, source=f"sweep cell {cell_id}")
                 cells.append(Cell(dataset, variant, seed, run_dir, config))
                 done[f"{dataset.name}/{variant.label}"] = run_dir
     return cells
+
+
+def _rl_cell(data: dict[str, Any]) -> dict[str, Any]:
+    """An RL cell (``training.method: grpo``) trains on its dataset's ``train`` as ``rl.prompts``; the
+    SFT ``data`` section does not apply to it."""
+    if (data.get("training") or {}).get("method") != "grpo":
+        return data
+    train = data.pop("data", {}).get("train")
+    rl = data.setdefault("rl", {})
+    if rl.get("prompts") is None:
+        rl["prompts"] = train
+    return data
 
 
 def _resolve_refs(data: Any, done: dict[str, Path], cell_id: str) -> Any:
