@@ -333,3 +333,18 @@ def test_every_defense_trains_under_grpo_and_leaves_no_hook(tmp_path, tiny_model
     if defense == "safelora":
         assert manifest["defense_reports"]["safelora"]["projected"]
     assert forward_hook_count(captured["model"]) == 0
+
+
+def test_trl_beta_uses_the_adapter_disabled_network_as_reference_not_a_copy(tmp_path, tiny_model_dir):
+    captured = {}
+
+    class Keep(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            captured["adapters"] = sorted(model.peft_config)
+
+    config = grpo_config(tmp_path / "run", tiny_model_dir, rl={"beta": 0.1}, max_steps=2)
+    train(config, progress=False, callbacks=[Keep()])
+    assert captured["adapters"] == ["default"]
+    steps = [r for r in _log(tmp_path / "run") if "loss" in r]
+    assert steps[0]["kl"] == 0.0 and steps[1]["kl"] > 0  # the policy starts as the reference, then moves
+    assert not [p for p in (tmp_path / "run" / "adapter").iterdir() if p.is_dir()]  # no saved "ref" adapter

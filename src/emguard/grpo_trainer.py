@@ -1,7 +1,8 @@
 """The GRPO trainer: TRL's ``GRPOTrainer`` plus the defenses, through the same interface as SFT.
 
 TRL does the algorithm (rollouts, rewards, group advantages, the clipped surrogate, its own
-sampled-token KL with ``rl.beta``); this subclass only adds what the defenses need:
+sampled-token KL with ``rl.beta`` against the adapter-disabled network); this subclass only adds
+what the defenses need:
 
 1. **hooks** (``Defense.hooks``) wrap each whole micro-step: the rollouts generated in it, TRL's
    old/reference log-prob passes, the loss and the backward. So under ``steering`` the rollouts
@@ -59,6 +60,12 @@ class EmguardGRPOTrainer(DefensePassesMixin, GRPOTrainer):
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
+        peft_model = self.accelerator.unwrap_model(self.model)
+        if "ref" in getattr(peft_model, "peft_config", {}):
+            # With rl.beta > 0 TRL copies a passed-in adapter as a frozen "ref" adapter. emguard's adapter is
+            # freshly initialised (B = 0), so the reference is the adapter-disabled network, as for the
+            # defenses: no copy, nothing extra in checkpoints.
+            peft_model.delete_adapter("ref")
         self._init_defenses(defenses)
         self._sft_examples = list(sft_examples)
         self._sft_collator = sft_collator
