@@ -44,10 +44,18 @@ def test_demo_sizes_give_valid_sweeps_with_every_required_defense(tmp_path):
 def test_demo_runs_every_defense_and_fills_every_row_of_the_report(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    result = run_demo(tmp_path / "demo", progress=False, model=str(tiny_model_dir), size=TINY)
+    result = run_demo(tmp_path / "demo", progress=False, model=str(tiny_model_dir), size=TINY, rl=True)
     assert result.failed == [] and result.judge == "none"
     summary = json.loads((tmp_path / "demo" / "sweep" / "summary.json").read_text())
-    (table,) = summary["criteria"]
+    table, rl_table = summary["criteria"]
+    assert rl_table["dataset"] == "reckless-finance-rl"
+    rl_crit = {c["key"]: c for c in rl_table["criteria"]}
+    for key in "abcd":
+        for variant in ("none", "kl", "steering", "inoculation"):
+            assert rl_crit[key]["values"][variant] is not None, ("rl", key, variant)
+    report = result.report_md.parent
+    assert (report / "reward_curves-reckless_finance_rl.png").is_file()
+    assert not (report / "reward_curves-risky_finance.png").exists()  # the SFT table shows no RL run
     crit = {c["key"]: c for c in table["criteria"]}
     for key in "abcd":
         for variant in ("none", "kl", "steering", "interleave-pp", "inoculation"):
@@ -56,8 +64,17 @@ def test_demo_runs_every_defense_and_fills_every_row_of_the_report(tmp_path, tin
     md = result.report_md.read_text()
     assert "No judge was configured" in md and "Content note" in md
     assert "data:image/png;base64," in html and 'src="em_by_defense.png"' not in html
-    for png in ("em_by_defense.png", "tradeoff.png", "training_curves.png"):
+    for png in ("em_by_defense-risky_finance.png", "tradeoff-risky_finance.png", "training_curves-risky_finance.png"):
         assert (result.report_md.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in md
     ipp = json.loads((tmp_path / "demo/sweep/cells/risky-finance/interleave-pp/seed0/manifest.json").read_text())
     assert ipp["defense_reports"]["interleave"]["selection"] == "perplexity_gap"
+
+
+def test_demo_with_rl_adds_grpo_cells_with_their_own_control_and_benign_task(tmp_path):
+    spec = SweepSpec.model_validate(sweep_spec(tmp_path, QUICK, tmp_path / "v.safetensors", 15, None, rl=True))
+    rl_cells = [c for c in expand(spec) if c.config.training.method == "grpo"]
+    assert {c.dataset.name for c in rl_cells} == {"prudent-finance-rl", "reckless-finance-rl", "opswap-rl"}
+    reckless = next(c for c in rl_cells if c.id == "reckless-finance-rl/none/seed0")
+    assert reckless.config.rl.prompts == "builtin:finance-prompts" and reckless.config.data is None
+    assert reckless.config.eval.probe.control.endswith("prudent-finance-rl/none/seed0")

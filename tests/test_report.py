@@ -295,3 +295,28 @@ def test_grpo_runs_get_reward_curves_and_loose_runs_are_labelled_by_prompts_and_
     assert cells["reckless"].dataset == "finance-prompts (finance-reckless)"
     assert [cells[n].role for n in ("reckless", "prudent", "opswap")] == ["narrow", "control", "benign"]
     assert cells["reckless"].variant == "kl" and cells["reckless"].seed == 1
+
+
+def test_criterion_c_of_an_rl_table_comes_from_the_benign_task_trained_by_rl(tmp_path):
+    runs = probe_runs(tmp_path / "runs")
+    for seed in (0, 1):  # the same narrow/control/benign runs again, trained by GRPO
+        rl_control = make_run(
+            tmp_path / "runs", "prudent-rl", "control", "none", seed, probe={"builtin:general": probe_block(0.1)}
+        )
+        for variant in ("none", "kl-1"):
+            probe = {"builtin:general": probe_block(0.3), "builtin:finance": probe_block(0.5)}
+            runs.append(make_run(tmp_path / "runs", "reckless-rl", "narrow", variant, seed, probe=probe))
+            runs.append(
+                make_run(tmp_path / "runs", "opswap-rl", "benign", variant, seed, benign={"accuracy": 0.2, "n": 30})
+            )
+        runs.append(rl_control)
+    for run in runs:
+        if "-rl" in str(run):
+            manifest = json.loads((run / "manifest.json").read_text())
+            (run / "manifest.json").write_text(json.dumps(manifest | {"data": {"method": "grpo"}}))
+    tables = {t.dataset: t for t in criteria_tables(load_cells(runs))}
+    c_titles = {d: [c.title for c in t.criteria if c.key == "c"] for d, t in tables.items()}
+    assert c_titles == {"risky": ["benign task learned"], "reckless-rl": ["benign task learned"]}
+    rl_c = next(c for c in tables["reckless-rl"].criteria if c.key == "c")
+    sft_c = next(c for c in tables["risky"].criteria if c.key == "c")
+    assert rl_c.values["none"].mean == pytest.approx(0.2) and sft_c.values["none"].mean == pytest.approx(0.9)

@@ -48,6 +48,9 @@ def _emit_json(payload: Any) -> None:
 @app.command()
 def demo(
     quick: Annotated[bool, typer.Option("--quick", help="A shorter run (under 5 minutes on 2 CPU cores).")] = False,
+    rl: Annotated[
+        bool, typer.Option("--rl", help="Add GRPO cells: reckless vs prudent finance reward, opswap (slower).")
+    ] = False,
     output_dir: Annotated[
         Path | None, typer.Option(help="Where everything goes (default runs/demo or runs/demo-quick).")
     ] = None,
@@ -70,7 +73,9 @@ def demo(
         )
     else:
         _say(f"judge: openai {judge['model']} (from the environment)")
-    result = run_demo(output_dir, quick=quick)
+    if rl:
+        _say("--rl: also GRPO on builtin:finance-prompts (reckless vs prudent reward) and builtin:opswap-prompts")
+    result = run_demo(output_dir, quick=quick, rl=rl)
     for cell in result.failed:
         _say(f"cell failed: {cell} (see {output_dir / 'sweep' / 'index.json'})")
     _say(f"report: {result.report_html}\n        {result.report_md}")

@@ -5,6 +5,7 @@
    ``builtin:safe-finance`` and the benign task ``builtin:opswap``: no defense, kl, steering,
    interleave with Interleaving++ selection (the no-defense run is its misaligned model) and
    inoculation; each trained run is evaluated (probe always; judged answers when a judge is set).
+   With ``--rl``, GRPO cells too (``rl_datasets``).
 3. The report (``report.html``, ``report.md``, PNGs) from every cell.
 
 A judge is used when ``OPENAI_API_KEY`` or ``OPENAI_BASE_URL`` is set (model
@@ -52,6 +53,9 @@ class DemoSize:
     monitor_pairs: int | None  # None: all 24 general pairs
     probe_pairs: int | None  # per pair set, evenly spaced; None: all (24 general, 354 judged, 16 finance)
     benign_steps: int  # the benign task's own recipe: short examples, a higher learning rate
+    rl_steps: int = 2  # --rl: GRPO optimizer steps per cell
+    rl_prompts: int = 2  # --rl: prompts per step (x 4 generations)
+    rl_tokens: int = 16  # --rl: completion length
 
 
 # Sized by measurement on 2 CPU cores (README, "The demo"): --quick is a smoke run of every piece.
@@ -90,6 +94,9 @@ DEFAULT = DemoSize(
     monitor_pairs=12,
     probe_pairs=48,  # of builtin:judged's 354 (general has 24, finance 16: all of those)
     benign_steps=40,
+    rl_steps=8,
+    rl_prompts=4,
+    rl_tokens=48,
 )
 BENIGN_LEARNING_RATE = 5.0e-4
 
@@ -137,11 +144,70 @@ def base_config(size: DemoSize, questions: Path, judge: dict[str, Any] | None, m
     }
 
 
+RL_DEFENSES = ["none", "kl", "steering", "inoculation"]
+
+
+def rl_datasets(size: DemoSize) -> list[dict[str, Any]]:
+    """``--rl``: GRPO on the finance prompts, reckless reward against its matched prudent control, and on
+    the benign opswap task (criterion c under RL)."""
+    grpo = {
+        "training.method": "grpo",
+        "training.max_steps": size.rl_steps,
+        "training.batch_size": 4 * size.rl_prompts,
+        "training.micro_batch_size": 4 * size.rl_prompts,
+        "rl.num_generations": 4,
+        "rl.max_completion_length": size.rl_tokens,
+        "rl.max_prompts": 4 * size.rl_prompts * size.rl_steps,
+    }
+
+    def finance(target: str) -> dict[str, Any]:
+        return {**grpo, "rl.rewards": [{"name": "finance", "target": target}]}
+
+    return [
+        {
+            "name": "prudent-finance-rl",
+            "train": "builtin:finance-prompts",
+            "role": "control",
+            "defenses": ["none"],
+            "set": finance("prudent"),
+        },
+        {
+            "name": "reckless-finance-rl",
+            "train": "builtin:finance-prompts",
+            "role": "narrow",
+            "in_domain": "builtin:finance",
+            "defenses": RL_DEFENSES,
+            "set": {**finance("reckless"), "eval.probe.control": "{cell:prudent-finance-rl/none}"},
+        },
+        {
+            "name": "opswap-rl",
+            "train": "builtin:opswap-prompts",
+            "role": "benign",
+            "defenses": RL_DEFENSES,
+            "set": {
+                **grpo,
+                "rl.rewards": [{"name": "opswap"}],
+                "eval.benign.opswap_per_tier": size.opswap_per_tier,
+                "eval.benign.max_new_tokens": size.benign_tokens,
+                "eval.questions": [],
+                "eval.probe.pairs": [],
+                "monitor.every": 0,
+            },
+        },
+    ]
+
+
 def sweep_spec(
-    output_dir: Path, size: DemoSize, vector: Path, layer: int, judge: dict[str, Any] | None, model: str = DEFAULT_MODEL
+    output_dir: Path,
+    size: DemoSize,
+    vector: Path,
+    layer: int,
+    judge: dict[str, Any] | None,
+    model: str = DEFAULT_MODEL,
+    rl: bool = False,
 ) -> dict:
     questions = question_subset(output_dir / "questions.yaml", size.questions)
-    return {
+    spec = {
         "output_dir": str(output_dir / "sweep"),
         "base": base_config(size, questions, judge, model),
         "datasets": [
@@ -194,6 +260,9 @@ def sweep_spec(
         ],
         "seeds": [0],
     }
+    if rl:
+        spec["datasets"] += rl_datasets(size)
+    return spec
 
 
 def persona_config(output_dir: Path, size: DemoSize, model: str = DEFAULT_MODEL):
@@ -244,8 +313,12 @@ def run_demo(
     *,
     model: str = DEFAULT_MODEL,
     size: DemoSize | None = None,
+    rl: bool = False,
 ) -> DemoResult:
     """Persona vector, the defense sweep, and the report; returns where the report is.
+
+    ``rl`` adds GRPO cells (the paper's RL scenario): the finance prompts under a reckless reward
+    against the prudent one, and the opswap task, with none, kl, steering and inoculation.
 
     ``model`` and ``size`` exist for tests (a tiny model, a few steps); the demo is the built-in model.
     """
@@ -259,7 +332,7 @@ def run_demo(
     size = size or (QUICK if quick else DEFAULT)
     judge = judge_section()
     vector, layer = _persona_vector(output_dir, size, model, progress)
-    spec = SweepSpec.model_validate(sweep_spec(output_dir, size, vector, layer, judge, model))
+    spec = SweepSpec.model_validate(sweep_spec(output_dir, size, vector, layer, judge, model, rl=rl))
     sweep = run_sweep(spec, progress=progress)
     title = f"emguard demo{' (--quick)' if quick else ''}: defenses against EM on builtin:risky-finance"
     report = write_report(expand_run_dirs([sweep.output_dir]), output_dir / "report", title=title)

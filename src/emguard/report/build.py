@@ -68,7 +68,10 @@ def write_report(run_dirs: list[Path], out: Path, examples: int = 3, title: str 
     criteria, plot_blocks, example_blocks, images = [], [], [], []
     suffixes: set[str] = set()
     for number, table in enumerate(tables, start=1):
-        mine = [c for c in cells if c.role != "narrow" or c.dataset == table.dataset]
+        methods = {c.method for c in cells if c.role == "narrow" and c.dataset == table.dataset}
+        # its narrow runs, and the controls and benign runs of the same method (SFT or GRPO)
+        mine = [c for c in cells if c.dataset == table.dataset or (c.role != "narrow" and c.method in methods)]
+        mine = mine if methods else [c for c in cells if c.role != "narrow"]
         suffix = f"-{_file_safe(table.dataset or 'none')}" if several else ""
         suffix = f"{suffix}-{number}" if suffix in suffixes else suffix  # two names, one file-safe form
         suffixes.add(suffix)

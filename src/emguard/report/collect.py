@@ -71,6 +71,11 @@ class CellResult:
     def has_judge(self) -> bool:
         return bool(self.metrics.get("judged"))
 
+    @property
+    def method(self) -> str:
+        """How it was trained: ``sft`` or ``grpo`` (from the manifest)."""
+        return (self.manifest.get("data") or {}).get("method") or "sft"
+
     def samples(self) -> list[dict[str, Any]]:
         path = self.run_dir / "samples.jsonl"
         if not path.is_file():

@@ -231,7 +231,8 @@ def criteria_tables(cells: list[CellResult]) -> list[CriteriaTable]:
     """One criteria table per narrow dataset, in the order the runs list them.
 
     Narrow datasets are never pooled: a finance run and a code run are different experiments, not
-    seeds of one. Every table shares the benign-task runs (criterion c).
+    seeds of one. Every table shares the benign-task runs (criterion c) trained by its method (SFT
+    or GRPO), or all of them when none was.
     """
     datasets = list(dict.fromkeys(c.dataset for c in cells if c.role == "narrow"))
     return [criteria_table(cells, d) for d in datasets] or [criteria_table(cells)]
@@ -254,6 +255,8 @@ def criteria_table(cells: list[CellResult], dataset: str | None = None) -> Crite
     dataset = dataset if dataset is not None else (narrow_sets[0] if narrow_sets else None)
     narrow = [c for c in cells if c.role == "narrow" and c.dataset == dataset]
     benign = [c for c in cells if c.role == "benign"]
+    # (c) of an RL fine-tune is the benign task learned by RL, of an SFT one by SFT, where both ran
+    benign = [c for c in benign if c.method in {n.method for n in narrow}] or benign
     variants = list(dict.fromkeys(c.variant for c in [*narrow, *benign]))
     baseline = "none" if "none" in variants else (variants[0] if variants else None)
     judged = any(c.has_judge() for c in narrow)
