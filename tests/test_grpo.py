@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Literal
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -245,24 +250,39 @@ def test_hooks_wrap_the_rollouts_and_are_removed_after_grpo(tmp_path, tiny_model
         unregister("rollout-probe")
 
 
-def test_resume_after_an_interruption_gives_the_same_adapter(tmp_path, tiny_model_dir):
-    whole = grpo_config(tmp_path / "whole", tiny_model_dir, max_steps=4, save_steps=2)
-    train(whole, progress=False)
+def test_kill_9_then_resume_gives_the_same_adapter_as_an_uninterrupted_run(tmp_path, tiny_model_dir):
+    settings = dict(max_steps=10, save_steps=2)
+    whole = train(grpo_config(tmp_path / "whole", tiny_model_dir, **settings), progress=False)
 
-    class Stop(TrainerCallback):  # the process dies after the step-2 checkpoint, as under kill -9
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 3:
-                raise KeyboardInterrupt
+    config_path = tmp_path / "killed.yaml"
+    config_path.write_text(yaml.safe_dump(grpo_config(tmp_path / "killed", tiny_model_dir, **settings).to_yaml_dict()))
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    command = [sys.executable, "-m", "emguard", "train", str(config_path), "--quiet"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not list(checkpoints.glob(f"checkpoint-*/{CHECKPOINT_DONE}")):
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.01)
+    time.sleep(0.3)  # land the kill somewhere after the first checkpoint
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed" / "adapter").exists(), "the run finished before it could be killed"
 
-    cut = grpo_config(tmp_path / "cut", tiny_model_dir, max_steps=4, save_steps=2)
-    with pytest.raises(KeyboardInterrupt):
-        train(cut, progress=False, callbacks=[Stop()])
-    assert (tmp_path / "cut" / "checkpoints" / "checkpoint-2" / CHECKPOINT_DONE).is_file()
-    result = train(cut, progress=False)
-    assert result.resumed_from_step == 2
-    a = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "cut" / "adapter" / "adapter_model.safetensors")
+    resumed = subprocess.run([*command, "--json"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["resumed_from_step"] >= 2
+    a = load_file(whole.adapter_dir / "adapter_model.safetensors")
+    b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(float(t.abs().sum()) > 0 for k, t in a.items() if "lora_B" in k)  # it trained: equality means something
+    steps = [r["step"] for r in _log(tmp_path / "killed") if "loss" in r]
+    assert steps == list(range(1, 11))  # no duplicated or missing steps
 
 
 @pytest.mark.parametrize(
