@@ -368,3 +368,16 @@ def test_trl_beta_uses_the_adapter_disabled_network_as_reference_not_a_copy(tmp_
     steps = [r for r in _log(tmp_path / "run") if "loss" in r]
     assert steps[0]["kl"] == 0.0 and steps[1]["kl"] > 0  # the policy starts as the reference, then moves
     assert not [p for p in (tmp_path / "run" / "adapter").iterdir() if p.is_dir()]  # no saved "ref" adapter
+
+
+def test_vllm_rollouts_with_a_hooked_defense_are_refused_before_anything_is_written(tmp_path, tiny_model_dir):
+    from safetensors.torch import save_file
+
+    from emguard.errors import ConfigError
+
+    save_file({"v": torch.ones(32)}, str(tmp_path / "v.safetensors"))
+    steering = [{"name": "steering", "vector": str(tmp_path / "v.safetensors"), "layer": 0}]
+    config = grpo_config(tmp_path / "run", tiny_model_dir, defenses=steering, rl={"use_vllm": True})
+    with pytest.raises(ConfigError, match="hooks of steering would act on the loss but not on the rollouts"):
+        train(config, progress=False)
+    assert not (tmp_path / "run").exists()

@@ -18,7 +18,7 @@ from emguard.data.chat import ChatExample
 from emguard.data.chat_template import TemplateError, chat_messages, render_chat
 from emguard.data.prompts import load_prompts
 from emguard.data.tokenize import TokenizedExample, tokenize_examples
-from emguard.errors import DataError, EmguardError
+from emguard.errors import ConfigError, DataError, EmguardError
 from emguard.rewards.base import Reward, RewardContext, checked
 from emguard.rewards.registry import build_rewards
 
@@ -31,6 +31,22 @@ class RLData:
     prompts: list[ChatExample]
     sft: list[TokenizedExample]  # conversations a defense mixed in (interleave), trained by SFT steps
     sft_rate: float  # their share of the mix = the share of optimizer steps that are SFT steps
+
+
+def check_rl_defenses(config: RunConfig, defenses: Sequence[Any]) -> None:
+    """Defenses that cannot work as configured under GRPO; ConfigError naming them.
+
+    vLLM generates outside the PyTorch modules, so a defense's forward hooks (steering) would not
+    act on the rollouts while they act on the loss: the importance ratio would compare two policies.
+    """
+    from emguard.defenses.base import Defense
+
+    hooked = [d.name for d in defenses if type(d).hooks is not Defense.hooks]
+    if config.rl.use_vllm and hooked:
+        raise ConfigError(
+            f"rl.use_vllm: vLLM samples the rollouts outside the model's modules, so the hooks of {', '.join(hooked)} "
+            "would act on the loss but not on the rollouts; generate with transformers (rl.use_vllm: false)"
+        )
 
 
 def load_rl_prompts(config: RunConfig) -> list[ChatExample]:

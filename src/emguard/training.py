@@ -39,7 +39,14 @@ from emguard.distributed import (
 from emguard.errors import ConfigError
 from emguard.evaluation.generation import stop_token_ids
 from emguard.fsio import atomic_directory
-from emguard.grpo import describe_rewards, grpo_arguments, load_rl_prompts, reward_functions, rl_data
+from emguard.grpo import (
+    check_rl_defenses,
+    describe_rewards,
+    grpo_arguments,
+    load_rl_prompts,
+    reward_functions,
+    rl_data,
+)
 from emguard.models import (
     attach_lora,
     cache_root,
@@ -112,6 +119,8 @@ def train(
     args = training_arguments(config, run.path / CHECKPOINTS, progress)  # starts the process group, if any
     set_seed(config.training.seed)
     defenses = build_defenses(config.defenses)
+    if grpo:
+        check_rl_defenses(config, defenses)
     examples = load_rl_prompts(config) if grpo else _load_training_examples(config)
     with main_process_first():  # the built-in model is converted once, by one process
         resolved = resolve_model(config.model)
