@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import emguard.trainer
+import emguard.defense_passes
 from conftest import tiny_run_config
 from emguard.logits import logits_at, output_head, selection_is_exact
 from emguard.training import train
@@ -58,6 +58,6 @@ def test_trainer_falls_back_to_full_logits_with_the_same_losses(tmp_path, tiny_m
         return [r["sft_loss"] for r in map(json.loads, lines) if "sft_loss" in r]
 
     fast = train(tiny_run_config(tmp_path / "fast", tiny_model_dir, learning_rate=1e-2), progress=False)
-    monkeypatch.setattr(emguard.trainer, "selection_is_exact", lambda *a: False)
+    monkeypatch.setattr(emguard.defense_passes, "selection_is_exact", lambda *a: False)
     slow = train(tiny_run_config(tmp_path / "slow", tiny_model_dir, learning_rate=1e-2), progress=False)
     assert losses(slow.run_dir) == pytest.approx(losses(fast.run_dir), rel=1e-5, abs=1e-7)
