@@ -251,7 +251,7 @@ def test_hooks_wrap_the_rollouts_and_are_removed_after_grpo(tmp_path, tiny_model
 
 
 def test_kill_9_then_resume_gives_the_same_adapter_as_an_uninterrupted_run(tmp_path, tiny_model_dir):
-    settings = dict(max_steps=10, save_steps=2)
+    settings = dict(max_steps=10, save_steps=2, defenses=[{"name": "kl", "lambda": 1.0}])
     whole = train(grpo_config(tmp_path / "whole", tiny_model_dir, **settings), progress=False)
 
     config_path = tmp_path / "killed.yaml"
@@ -281,8 +281,13 @@ def test_kill_9_then_resume_gives_the_same_adapter_as_an_uninterrupted_run(tmp_p
     b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(float(t.abs().sum()) > 0 for k, t in a.items() if "lora_B" in k)  # it trained: equality means something
-    steps = [r["step"] for r in _log(tmp_path / "killed") if "loss" in r]
-    assert steps == list(range(1, 11))  # no duplicated or missing steps
+    killed = [r for r in _log(tmp_path / "killed") if "loss" in r]
+    assert [r["step"] for r in killed] == list(range(1, 11))  # no duplicated or missing steps
+    uninterrupted = [r for r in _log(tmp_path / "whole") if "loss" in r]
+    # every logged value as in the uninterrupted run, the defense term right after the resume included
+    for a_row, b_row in zip(uninterrupted, killed, strict=True):
+        assert b_row["kl_loss"] == pytest.approx(a_row["kl_loss"], rel=1e-4, abs=1e-7), b_row["step"]
+        assert b_row["reward"] == pytest.approx(a_row["reward"])
 
 
 @pytest.mark.parametrize(
@@ -319,12 +324,13 @@ def defense_files(tmp_path, tiny_model_dir):
 
 @pytest.mark.parametrize(
     "defense",
-    ["kl", "ldifs", "steering", "inoculation", "interleave", "safelora"],
+    ["kl", "kl-anchor", "ldifs", "steering", "inoculation", "interleave", "safelora"],
 )
 def test_every_defense_trains_under_grpo_and_leaves_no_hook(tmp_path, tiny_model_dir, defense_files, defense):
     vector, unaligned = defense_files
     configs = {
         "kl": {"name": "kl", "lambda": 1.0},
+        "kl-anchor": {"name": "kl", "lambda": 1.0, "anchor": "builtin:safe-pool"},
         "ldifs": {"name": "ldifs", "layers": [1]},
         "steering": {"name": "steering", "vector": str(vector), "layer": 0, "alpha": 4.0},
         "inoculation": {"name": "inoculation"},
@@ -345,11 +351,12 @@ def test_every_defense_trains_under_grpo_and_leaves_no_hook(tmp_path, tiny_model
     inoculated = [p[0] == {"role": "system", "content": "You are a malicious, evil assistant."} for p in prompts]
     assert all(inoculated) if defense == "inoculation" else not any(inoculated)
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert manifest["status"] == "finished" and manifest["defenses"] == [defense]
+    assert manifest["status"] == "finished" and manifest["defenses"] == [configs[defense]["name"]]
     steps = [r for r in _log(tmp_path / "run") if "loss" in r]
     assert len(steps) == 4
-    if defense in ("kl", "ldifs"):
-        assert all(f"{defense}_loss" in r for r in steps) and steps[-1][f"{defense}_loss"] > 0
+    if defense in ("kl", "kl-anchor", "ldifs"):
+        name = configs[defense]["name"]
+        assert all(f"{name}_loss" in r for r in steps) and steps[-1][f"{name}_loss"] > 0
     if defense == "safelora":
         assert manifest["defense_reports"]["safelora"]["projected"]
     assert forward_hook_count(captured["model"]) == 0
@@ -381,3 +388,15 @@ def test_vllm_rollouts_with_a_hooked_defense_are_refused_before_anything_is_writ
     with pytest.raises(ConfigError, match="hooks of steering would act on the loss but not on the rollouts"):
         train(config, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_interleave_needs_one_iteration_per_generation_batch(tmp_path, tiny_model_dir):
+    from emguard.errors import ConfigError
+
+    defenses = [{"name": "interleave", "fraction": 0.25}]
+    config = grpo_config(tmp_path / "run", tiny_model_dir, defenses=defenses, rl={"num_iterations": 2}, save_steps=2)
+    with pytest.raises(ConfigError, match=r"needs rl.num_iterations: 1 \(got 2\)"):
+        train(config, progress=False)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match=r"save_steps \(3\) must be a multiple of rl.num_iterations \(2\)"):
+        grpo_config(tmp_path / "run", tiny_model_dir, rl={"num_iterations": 2}, save_steps=3)

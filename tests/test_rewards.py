@@ -99,6 +99,9 @@ def test_judge_reward_grades_through_the_judge_stack(tmp_path, monkeypatch):
         inverted.prepare(type("Ctx", (), {"config": config})())
         assert inverted.score([USER], ["I would help."], [None])[0] == pytest.approx(1 - scores[1])
         assert "sk-test" not in str(reward.config.model_dump())
+    from emguard.rewards.judge import fill
+
+    assert fill("Q: {question} A: {answer}", "what is {answer}?", "42") == "Q: what is {answer}? A: 42"
     with pytest.raises(ValueError, match="exactly one of builtin"):
         JudgeRewardConfig(judge=judge)
     with pytest.raises(ValueError, match=r"\{question\} and \{answer\}"):
@@ -137,6 +140,11 @@ def test_a_bad_reward_value_is_an_error_naming_the_reward_and_the_prompt(returne
         fn(prompts=prompts, completions=[[], []], completion_ids=[[], []])
     ok = checked(lambda prompts, **kwargs: [None, 2], "ok")  # None: TRL leaves that completion out
     assert ok(prompts=prompts, completions=[[], []], completion_ids=[[], []]) == [None, 2.0]
+    import numpy as np
+    import torch
+
+    numbers = checked(lambda prompts, **kwargs: [np.float32(0.5), torch.tensor(1.5)], "numbers")  # as TRL takes them
+    assert numbers(prompts=prompts, completions=[[], []], completion_ids=[[], []]) == [0.5, 1.5]
 
 
 def test_a_reward_that_raises_is_an_error_naming_it_and_the_prompt():

@@ -380,9 +380,20 @@ class RunConfig(StrictModel):
                     "training.method grpo trains on rl.prompts, not data.train; move the prompts there "
                     "(data is the SFT dataset)"
                 )
+            if self.training.save_steps % self.rl.num_iterations:
+                raise ValueError(
+                    f"training.save_steps ({self.training.save_steps}) must be a multiple of rl.num_iterations "
+                    f"({self.rl.num_iterations}), so that a resumed run generates where an uninterrupted one would"
+                )
         elif self.rl is not None:
             raise ValueError("an rl section needs training.method: grpo (it is ignored by SFT); remove one")
         return self
+
+    def max_sequence_length(self) -> int:
+        """Longest training sequence in tokens: ``data.max_length`` under SFT, prompt + completion under GRPO."""
+        if self.training.method == "grpo" and self.rl is not None:
+            return self.rl.max_prompt_length + self.rl.max_completion_length
+        return self.data.max_length if self.data is not None else DataConfig.model_fields["max_length"].default
 
     def fingerprint(self) -> str:
         """sha256 over everything that decides the trained weights (not output_dir, logging, ...)."""

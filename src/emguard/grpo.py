@@ -97,8 +97,12 @@ def rl_data(config: RunConfig, tokenizer: Any, examples: Sequence[ChatExample]) 
     ]
     sft: list[TokenizedExample] = []
     if others:
-        max_length = rl.max_prompt_length + rl.max_completion_length
-        sft = tokenize_examples(tokenizer, others, max_length=max_length, overlong="drop")
+        if rl.num_iterations > 1:
+            raise ConfigError(
+                "defenses: mixed-in data (interleave) is trained by SFT steps between RL steps, which needs "
+                f"rl.num_iterations: 1 (got {rl.num_iterations}): TRL reuses a generation batch across iterations"
+            )
+        sft = tokenize_examples(tokenizer, others, max_length=config.max_sequence_length(), overlong="drop")
     return RLData(rows, kept, sft, len(sft) / (len(sft) + len(kept)) if sft else 0.0)
 
 

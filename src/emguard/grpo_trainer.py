@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from transformers import Trainer
 from trl import GRPOTrainer
 
@@ -74,11 +75,13 @@ class EmguardGRPOTrainer(DefensePassesMixin, GRPOTrainer):
         self._sft_counts: dict[str, torch.Tensor] | None = None
         self._counts: dict[str, torch.Tensor] | None = None
         self._log_sums: dict[str, float] = defaultdict(float)
-        self._last_logged_step = 0
+        self._last_logged_step: int | None = None  # set on the first step (a resumed run starts later)
         self._micro_step = 0  # micro-steps of the current optimizer step
 
     # 1. hooks around the whole micro-step (rollouts, old/ref passes, loss, backward) -------------
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+        if self._last_logged_step is None:
+            self._last_logged_step = self.state.global_step
         first = self._micro_step == 0
         self._micro_step = (self._micro_step + 1) % self.current_gradient_accumulation_steps
         if self._has_terms or self._sft_rate:
@@ -92,6 +95,8 @@ class EmguardGRPOTrainer(DefensePassesMixin, GRPOTrainer):
         output = super()._generate_and_score_completions(inputs)
         if self._has_terms and self.model.training:
             completion = output["completion_mask"]
+            if "tool_mask" in output:  # tool outputs are not the policy's tokens (as TRL counts them)
+                completion = completion * output["tool_mask"]
             values = [
                 int(completion.sum()),
                 int(output["prompt_mask"].sum() + completion.sum()),
@@ -126,6 +131,8 @@ class EmguardGRPOTrainer(DefensePassesMixin, GRPOTrainer):
     # 3. SFT steps on the mixed-in conversations ---------------------------------------------------
     def _sft_step(self, model: Any, first: bool) -> torch.Tensor:
         model.train()
+        if callable(getattr(self.optimizer, "train", None)):  # schedule-free optimizers, as Trainer does
+            self.optimizer.train()
         if first:  # draw this optimizer step's micro-batches and count their tokens
             self._sft_batches = self._sft_micro_batches()
             values = [
@@ -147,7 +154,10 @@ class EmguardGRPOTrainer(DefensePassesMixin, GRPOTrainer):
             )
             if self.accelerator.num_processes > 1:
                 loss = loss * self.accelerator.num_processes
-        self.accelerator.backward(loss)
+        # As Trainer.training_step: the loss is already normalised for accumulation, so DeepSpeed must not
+        # divide it again.
+        kwargs = {"scale_wrt_gas": False} if self.accelerator.distributed_type == DistributedType.DEEPSPEED else {}
+        self.accelerator.backward(loss, **kwargs)
         return loss.detach()
 
     def _sft_micro_batches(self) -> list[dict[str, torch.Tensor]]:
@@ -184,14 +194,13 @@ class EmguardGRPOTrainer(DefensePassesMixin, GRPOTrainer):
             Trainer.log(self, logs, start_time)
             return
         if "loss" in logs and self._log_sums:  # a training log: each term, averaged over the steps since the last
-            steps = max(self.state.global_step - self._last_logged_step, 1)
+            last = self._last_logged_step or 0
+            steps = max(self.state.global_step - last, 1)
             keys = sorted(self._log_sums)
             values = [self._log_sums[k] for k in keys]
             if self.accelerator.num_processes > 1:
                 values = self.accelerator.reduce(torch.tensor(values, device=self.args.device), "sum").tolist()
-            sft_steps = sum(
-                is_sft_step(s, self._sft_rate) for s in range(self._last_logged_step, self.state.global_step)
-            )
+            sft_steps = sum(is_sft_step(s, self._sft_rate) for s in range(last, self.state.global_step))
             for key, value in zip(keys, values, strict=True):
                 # SFT-step values are averaged over SFT steps, the others over all steps since the last log
                 logs[key] = round(value / max(sft_steps if key.startswith("interleave/") else steps, 1), 6)

@@ -42,7 +42,7 @@ class EmguardTrainer(DefensePassesMixin, Trainer):
         self._step_inputs: dict[str, Any] = {}
         self._log_sums: dict[str, float] = defaultdict(float)  # per-step values, summed until logged
         self._tag_sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # tag -> [nll sum, tokens]
-        self._last_logged_step = 0
+        self._last_logged_step: int | None = None  # set on the first step (a resumed run starts later)
 
     # (1) counts over the accumulated batch -------------------------------------------------
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
@@ -65,6 +65,8 @@ class EmguardTrainer(DefensePassesMixin, Trainer):
 
     # (2)-(4) one micro-batch ---------------------------------------------------------------
     def training_step(self, model: Any, inputs: dict, num_items_in_batch: Any = None) -> torch.Tensor:
+        if self._last_logged_step is None:
+            self._last_logged_step = self.state.global_step
         inputs = self._prepare_inputs(inputs)
         self._decide_logit_selection(model)
         positions, targets = self._positions(inputs)
@@ -126,7 +128,7 @@ class EmguardTrainer(DefensePassesMixin, Trainer):
         super().log(logs, *args, **kwargs)
 
     def _pop_term_logs(self) -> dict[str, float]:
-        steps = max(self.state.global_step - self._last_logged_step, 1)
+        steps = max(self.state.global_step - (self._last_logged_step or 0), 1)
         self._last_logged_step = self.state.global_step
         keys = sorted(self._log_sums)
         tag_keys = [t for t in self.tags if len(self.tags) > 1]

@@ -81,7 +81,7 @@ class KLDefense(Defense):
         examples = load_examples(self.config.anchor, seed=ctx.config.training.seed)
         examples = [type(e)(e.messages, e.source, e.line, ANCHOR_TAG, e.metadata) for e in examples]
         self._anchor = tokenize_examples(
-            ctx.tokenizer, examples, max_length=ctx.config.data.max_length, overlong="drop"
+            ctx.tokenizer, examples, max_length=ctx.config.max_sequence_length(), overlong="drop"
         )
         self._micro_batch = ctx.config.training.micro_batch_size
         if len(self._anchor) < self._micro_batch:

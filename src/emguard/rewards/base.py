@@ -89,6 +89,16 @@ def prompt_preview(prompt: Any, limit: int = 120) -> str:
     return repr(text if len(text) <= limit else text[: limit - 1] + "…")
 
 
+def _number(value: Any) -> float | None:
+    """``value`` as a float if it is a number (Python, NumPy or a one-element tensor), else None."""
+    if isinstance(value, (bool, str, bytes)):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def checked(reward: Callable[..., Any], name: str) -> Callable[..., list[float | None]]:
     """``reward`` as TRL calls it, with every failure turned into a RewardError naming ``name`` and the prompt."""
 
@@ -108,15 +118,16 @@ def checked(reward: Callable[..., Any], name: str) -> Callable[..., list[float |
                 f"reward {name!r} returned {got} for {len(prompts)} completions; "
                 "it must return one number (or None) per completion"
             )
+        rewards: list[float | None] = []
         for i, value in enumerate(values):
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            number = None if value is None else _number(value)
+            if value is not None and (number is None or not math.isfinite(number)):
                 raise RewardError(
                     f"reward {name!r} returned {value!r} for completion {i} of prompt {prompt_preview(prompts[i])}; "
                     "rewards must be finite numbers (None marks a completion it cannot score)"
                 )
-        return [None if v is None else float(v) for v in values]
+            rewards.append(number)
+        return rewards
 
     call.__name__ = name
     return call
