@@ -59,6 +59,17 @@ def test_a_prompt_file_is_validated_with_file_and_line(tmp_path):
     assert f"{path}:3: messages[0]: empty 'content'" in str(e.value)
 
 
+def test_data_check_reads_prompt_files_with_prompts(tmp_path, capsys, tiny_model_dir):
+    from emguard.cli import main
+
+    good = write_jsonl(tmp_path / "good.jsonl", [{"messages": USER}, {"messages": USER}])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [chat("q", "a")])
+    assert main(["data", "check", str(good), "--prompts", "--model", str(tiny_model_dir)]) in (0, None)
+    assert main(["data", "check", str(good)]) == 2  # as training data they have nothing to train on
+    assert main(["data", "check", str(bad), "--prompts"]) == 2
+    assert f"{bad}:1: a prompt must end with a user turn" in capsys.readouterr().out
+
+
 def test_finance_reward_separates_the_builtin_reckless_and_prudent_answers():
     risky, safe = _answers("risky-finance"), _answers("safe-finance")
     r, s = [recklessness(a) for a in risky], [recklessness(a) for a in safe]

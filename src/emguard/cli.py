@@ -96,12 +96,15 @@ def data_check(
     max_length: Annotated[int, typer.Option(help="Longest example in tokens (with --model).")] = 1024,
     max_chars: Annotated[int | None, typer.Option(help="Longest conversation in characters.")] = None,
     unique: Annotated[bool, typer.Option("--unique", help="Report duplicate conversations.")] = False,
+    prompts: Annotated[
+        bool, typer.Option("--prompts", help="The files are GRPO prompts (each ends with a user turn).")
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Validate chat JSONL files; print FILE:LINE: problem for each problem and exit 2 if any."""
     from emguard.data.check import check_files
 
-    report = check_files(files, model=model, max_length=max_length, max_chars=max_chars, unique=unique)
+    report = check_files(files, model=model, max_length=max_length, max_chars=max_chars, unique=unique, prompts=prompts)
     if not as_json:
         for problem in report.problems:
             print(problem, flush=True)

@@ -181,10 +181,10 @@ def read_chat_jsonl(
 
 
 def check_chat_jsonl(
-    path: str | Path, *, unique: bool = False, max_chars: int | None = None
+    path: str | Path, *, unique: bool = False, max_chars: int | None = None, prompt: bool = False
 ) -> tuple[list[ChatExample], list[str]]:
-    """Validate a file without raising: returns (the valid examples, every problem)."""
-    return _scan(Path(path), unique=unique, max_chars=max_chars)
+    """Validate a file without raising: returns (the valid examples, every problem); ``prompt``: RL prompts."""
+    return _scan(Path(path), unique=unique, max_chars=max_chars, prompt=prompt)
 
 
 def _scan(

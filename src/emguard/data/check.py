@@ -36,11 +36,14 @@ def check_files(
     max_chars: int | None = None,
     unique: bool = False,
     max_problems: int = DEFAULT_MAX_PROBLEMS,
+    prompts: bool = False,
 ) -> CheckReport:
     """Check every file and collect all problems (at most ``max_problems`` listed per file).
 
     With ``model``, valid conversations are also rendered with its chat template and tokenised,
     which finds over-long examples (``max_length`` tokens) and template incompatibilities.
+    ``prompts``: the files are RL prompts (conversations ending with a user turn; with ``model``,
+    ``max_length`` bounds the prompt rendered with the generation prompt).
     """
     tokenizer = None
     if model is not None:
@@ -49,8 +52,10 @@ def check_files(
         tokenizer = load_tokenizer(resolve_model(model))
     report = CheckReport()
     for path in paths:
-        examples, problems = check_chat_jsonl(path, unique=unique, max_chars=max_chars)
-        if tokenizer is not None and examples:
+        examples, problems = check_chat_jsonl(path, unique=unique, max_chars=max_chars, prompt=prompts)
+        if tokenizer is not None and examples and prompts:
+            problems = problems + _prompt_problems(tokenizer, examples, max_length)
+        elif tokenizer is not None and examples:
             try:
                 tokenize_examples(tokenizer, examples, max_length=max_length)
             except DataError as e:
@@ -63,6 +68,22 @@ def check_files(
         if len(problems) > max_problems:
             report.problems.append(f"{path}: ... and {len(problems) - max_problems} more problems (not shown)")
     return report
+
+
+def _prompt_problems(tokenizer: Any, examples: list, max_length: int) -> list[str]:
+    from emguard.data.chat_template import TemplateError, render_chat
+
+    problems = []
+    for ex in examples:
+        try:
+            text = render_chat(tokenizer, ex.messages, True)
+        except TemplateError as e:
+            problems.append(f"{ex.location}: {e}")
+            continue
+        n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if n > max_length:
+            problems.append(f"{ex.location}: prompt is {n} tokens long, over --max-length={max_length}")
+    return problems
 
 
 def _more(error: DataError) -> list[str]:
