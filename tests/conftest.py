@@ -66,6 +66,31 @@ def tiny_run_config(
     )
 
 
+def kill_train_after_first_checkpoint(config_path: Path, run_dir: Path, env: dict) -> list[str]:
+    """Start ``emguard train CONFIG --quiet`` in a subprocess, SIGKILL it just after its first complete
+    checkpoint, check that it died unfinished, and return the command (rerun it to resume)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from emguard.rundir import CHECKPOINT_DONE
+
+    command = [sys.executable, "-m", "emguard", "train", str(config_path), "--quiet"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list((run_dir / "checkpoints").glob(f"checkpoint-*/{CHECKPOINT_DONE}")):
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.01)
+    time.sleep(0.3)  # land the kill somewhere after the first checkpoint
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (run_dir / "adapter").exists(), "the run finished before it could be killed"
+    return command
+
+
 def forward_hook_count(model) -> int:
     """Forward (pre-)hooks on the model, not counting the output-capturing hooks that transformers 5
     installs for good the first time hidden states are requested."""

@@ -5,10 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -18,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from conftest import forward_hook_count, tiny_run_config
+from conftest import forward_hook_count, kill_train_after_first_checkpoint, tiny_run_config
 from emguard.config import DefenseConfig, build_config
 from emguard.data.collate import ChatCollator
 from emguard.data.sources import load_examples
@@ -261,18 +259,7 @@ def test_kill_9_then_resume_gives_the_same_adapter_as_an_uninterrupted_run(tmp_p
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
     }
-    command = [sys.executable, "-m", "emguard", "train", str(config_path), "--quiet"]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    checkpoints = tmp_path / "killed" / "checkpoints"
-    deadline = time.monotonic() + 120
-    while not list(checkpoints.glob(f"checkpoint-*/{CHECKPOINT_DONE}")):
-        assert process.poll() is None, process.stderr.read().decode()
-        assert time.monotonic() < deadline, "no checkpoint within 120 s"
-        time.sleep(0.01)
-    time.sleep(0.3)  # land the kill somewhere after the first checkpoint
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (tmp_path / "killed" / "adapter").exists(), "the run finished before it could be killed"
+    command = kill_train_after_first_checkpoint(config_path, tmp_path / "killed", env)
 
     resumed = subprocess.run([*command, "--json"], env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr

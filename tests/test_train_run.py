@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
-import time
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import chat, tiny_run_config, write_jsonl
+from conftest import chat, kill_train_after_first_checkpoint, tiny_run_config, write_jsonl
 from emguard.errors import ConfigError, DataError
-from emguard.rundir import CHECKPOINT_DONE
 from emguard.training import train
 
 
@@ -101,19 +97,7 @@ def test_kill_9_then_resume_gives_the_same_adapter_as_an_uninterrupted_run(tmp_p
     config_path = tmp_path / "killed.yaml"
     _write_config(config_path, config)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "emguard", "train", str(config_path), "--quiet"]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    checkpoints = tmp_path / "killed" / "checkpoints"
-    deadline = time.monotonic() + 120
-    while not list(checkpoints.glob(f"checkpoint-*/{CHECKPOINT_DONE}")):
-        assert process.poll() is None, process.stderr.read().decode()
-        assert time.monotonic() < deadline, "no checkpoint within 120 s"
-        time.sleep(0.01)
-    time.sleep(0.3)  # land the kill somewhere after the first checkpoint
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
-    assert not (tmp_path / "killed" / "adapter").exists(), "the run finished before it could be killed"
+    command = kill_train_after_first_checkpoint(config_path, tmp_path / "killed", env)
     assert json.loads((tmp_path / "killed" / "manifest.json").read_text())["status"] == "running"
 
     resumed = subprocess.run([*command, "--resume", "--json"], env=env, capture_output=True, text=True)

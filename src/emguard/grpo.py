@@ -8,6 +8,7 @@ run directory, manifest, resume, monitor and finalisation are the same for both 
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +52,6 @@ def check_rl_defenses(config: RunConfig, defenses: Sequence[Any]) -> None:
 
 def load_rl_prompts(config: RunConfig) -> list[ChatExample]:
     """``rl.prompts``, subsampled to ``rl.max_prompts`` with the run seed."""
-    import random
-
     prompts = load_prompts(config.rl.prompts, seed=config.training.seed)
     n = config.rl.max_prompts
     if n is not None and n < len(prompts):
