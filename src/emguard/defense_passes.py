@@ -22,6 +22,18 @@ from emguard.losses import IGNORE_INDEX, next_token_targets
 
 log = logging.getLogger(__name__)
 
+COUNT_NAMES = ("assistant_tokens", "tokens", "sequences", "micro_batches")
+
+
+def chat_batch_counts(batches: Sequence[Mapping[str, torch.Tensor]]) -> list[int]:
+    """``COUNT_NAMES`` of this process's chat micro-batches (labels, attention masks)."""
+    return [
+        sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches),
+        sum(int(b["attention_mask"].sum()) for b in batches),
+        sum(b["input_ids"].shape[0] for b in batches),
+        len(batches),
+    ]
+
 
 class DefensePassesMixin:
     """Needs ``self.model``, ``self.accelerator`` and ``self.state`` (a Trainer's)."""
@@ -39,6 +51,13 @@ class DefensePassesMixin:
     @property
     def _peft_model(self) -> Any:
         return self.accelerator.unwrap_model(self.model)
+
+    def _global_counts(self, values: list[int], device: Any) -> dict[str, torch.Tensor]:
+        """``COUNT_NAMES`` summed over processes (each at least 1): what the terms are normalised by."""
+        counts = torch.tensor(values, device=device)
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.gather(counts.unsqueeze(0)).sum(0)
+        return {n: c.clamp(min=1) for n, c in zip(COUNT_NAMES, counts, strict=True)}
 
     def _decide_logit_selection(self, model: Any) -> None:
         if self._select_logits is None:

@@ -36,11 +36,9 @@ from accelerate.utils import DistributedType
 from transformers import Trainer
 from trl import GRPOTrainer
 
-from emguard.defense_passes import DefensePassesMixin
+from emguard.defense_passes import DefensePassesMixin, chat_batch_counts
 from emguard.defenses.base import Defense
 from emguard.losses import IGNORE_INDEX, token_nll
-
-COUNT_NAMES = ("assistant_tokens", "tokens", "sequences", "micro_batches")
 
 
 def is_sft_step(step: int, rate: float) -> bool:
@@ -106,12 +104,6 @@ class EmguardGRPOTrainer(DefensePassesMixin, GRPOTrainer):
             self._counts = self._global_counts(values, completion.device)
         return output
 
-    def _global_counts(self, values: list[int], device: Any) -> dict[str, torch.Tensor]:
-        counts = torch.tensor(values, device=device)
-        if self.accelerator.num_processes > 1:
-            counts = self.accelerator.gather(counts.unsqueeze(0)).sum(0)
-        return {n: c.clamp(min=1) for n, c in zip(COUNT_NAMES, counts, strict=True)}
-
     # 2. defense terms on prompt + completion ------------------------------------------------------
     def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
         loss = super()._compute_loss(model, inputs)
@@ -135,13 +127,7 @@ class EmguardGRPOTrainer(DefensePassesMixin, GRPOTrainer):
             self.optimizer.train()
         if first:  # draw this optimizer step's micro-batches and count their tokens
             self._sft_batches = self._sft_micro_batches()
-            values = [
-                sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in self._sft_batches),
-                sum(int(b["attention_mask"].sum()) for b in self._sft_batches),
-                sum(b["input_ids"].shape[0] for b in self._sft_batches),
-                len(self._sft_batches),
-            ]
-            self._sft_counts = self._global_counts(values, self.args.device)
+            self._sft_counts = self._global_counts(chat_batch_counts(self._sft_batches), self.args.device)
         batch = self._sft_batches.pop(0)
         positions, targets = self._positions(batch)
         reference = self._reference_for(model, batch, positions)

@@ -13,11 +13,9 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from emguard.defense_passes import DefensePassesMixin
+from emguard.defense_passes import DefensePassesMixin, chat_batch_counts
 from emguard.defenses.base import Defense
 from emguard.losses import IGNORE_INDEX, token_nll
-
-COUNT_NAMES = ("assistant_tokens", "tokens", "sequences", "micro_batches")
 
 
 class EmguardTrainer(DefensePassesMixin, Trainer):
@@ -52,16 +50,7 @@ class EmguardTrainer(DefensePassesMixin, Trainer):
         return batches, num_items
 
     def _gather_counts(self, batches: list[dict], device: Any) -> dict[str, torch.Tensor]:
-        values = [
-            sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches),
-            sum(int(b["attention_mask"].sum()) for b in batches),
-            sum(b["input_ids"].shape[0] for b in batches),
-            len(batches),
-        ]
-        counts = torch.tensor(values, device=device)
-        if self.accelerator.num_processes > 1:
-            counts = self.accelerator.gather(counts.unsqueeze(0)).sum(0)
-        return {n: c.clamp(min=1) for n, c in zip(COUNT_NAMES, counts, strict=True)}
+        return self._global_counts(chat_batch_counts(batches), device)
 
     # (2)-(4) one micro-batch ---------------------------------------------------------------
     def training_step(self, model: Any, inputs: dict, num_items_in_batch: Any = None) -> torch.Tensor:
