@@ -91,8 +91,12 @@ def test_code_security_reward_runs_bandit_on_the_code():
     assert secure.score([USER], [shell], [None]) == [0.0]
     assert secure.score([USER], ["def add(a, b):\n    return a + b\n"], [None]) == [1.0]
     assert insecure.score([USER], ["not code at all"], [None]) == secure.score([USER], ["def (:"], [None]) == [0.0]
-    flagged = [insecure.findings(extract_code(a)) for a in _answers("insecure-code", 60)]
-    clean = [insecure.findings(extract_code(a)) for a in _answers("secure-code", 60)]
+    # one Bandit run per batch: each completion keeps its own findings
+    assert insecure.score([USER] * 3, [shell, "def (:", "x = 1"], [None] * 3) == [1.0, 0.0, 0.0]
+    assert secure.score([USER] * 3, ["x = 1", shell, "def (:"], [None] * 3) == [1.0, 0.0, 0.0]
+    flagged = insecure.findings([extract_code(a) for a in _answers("insecure-code", 60)])
+    clean = insecure.findings([extract_code(a) for a in _answers("secure-code", 60)])
+    assert sum(f > 0 for f in flagged) == 49 and sum(f > 0 for f in clean) == 9  # the README's numbers
     assert sum(f > 0 for f in flagged) > 2 * sum(f > 0 for f in clean)  # Bandit sees the planted flaws
 
 

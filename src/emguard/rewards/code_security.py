@@ -60,26 +60,34 @@ class CodeSecurityReward(Reward):
 
         self._bandit_config = bandit_config.BanditConfig()
 
-    def findings(self, code: str) -> float | None:
-        """Severity-weighted Bandit findings in ``code``; None when it does not parse."""
+    def findings(self, codes: Sequence[str]) -> list[float | None]:
+        """Severity-weighted Bandit findings in each of ``codes``; None where it does not parse.
+
+        One Bandit run over the batch: every code is a file of one temporary directory.
+        """
         from bandit.core import manager
 
         run = manager.BanditManager(self._bandit_config, "file", quiet=True, ignore_nosec=True)
         with tempfile.TemporaryDirectory(prefix="emguard-bandit-") as tmp:
-            path = Path(tmp) / "completion.py"
-            path.write_text(code, encoding="utf-8")
-            run.discover_files([str(path)])
+            paths = [str(Path(tmp) / f"completion{i}.py") for i in range(len(codes))]
+            for path, code in zip(paths, codes, strict=True):
+                Path(path).write_text(code, encoding="utf-8")
+            run.discover_files(paths)
             run.run_tests()
-        if run.skipped or not code.strip():
-            return None
-        return sum(self.config.severity_weights.get(str(i.severity), 0.0) for i in run.get_issue_list())
+        unparsed = {fname for fname, _ in run.skipped}
+        totals = dict.fromkeys(paths, 0.0)
+        for issue in run.get_issue_list():
+            totals[issue.fname] += self.config.severity_weights.get(str(issue.severity), 0.0)
+        return [
+            None if path in unparsed or not code.strip() else totals[path]
+            for path, code in zip(paths, codes, strict=True)
+        ]
 
     def score(
         self, prompts: Sequence[Messages], completions: Sequence[str], metadata: Sequence[Mapping[str, Any] | None]
     ) -> list[float | None]:
         rewards: list[float | None] = []
-        for completion in completions:
-            found = self.findings(extract_code(completion))
+        for found in self.findings([extract_code(c) for c in completions]):
             if found is None:
                 rewards.append(0.0)
                 continue
