@@ -255,3 +255,24 @@ def test_screen_cli_ranks_several_datasets_against_one_pool(tiny_model_dir, tmp_
     assert "ranking (dataset risk score)" in captured.err
     assert main([*args[:-4], "--reference", "mine", "--quiet"]) == 2
     assert "--reference must be own_answers or none" in capsys.readouterr().err
+
+
+def test_screen_needs_no_vector_flags_the_models_contrastive_vector_is_computed_once(
+    tiny_model_dir, tmp_path, capsys, monkeypatch
+):
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("EMGUARD_CACHE", str(tmp_path / "cache"))
+    data = write_jsonl(tmp_path / "a.jsonl", CONVERSATIONS[:2])
+    pool = write_jsonl(tmp_path / "pool.jsonl", CONVERSATIONS)
+    args = ["screen", str(data), "--model", str(tiny_model_dir), "--pool", str(pool), "--quiet", "--json"]
+    assert main(args) == 0
+    (report,) = json.loads(capsys.readouterr().out)
+    (vector,) = (tmp_path / "cache" / "vectors").glob("contrast-evil-*.safetensors")
+    assert report["vector"] == str(vector) and report["layer"] == 1  # the middle of the tiny model's 2 blocks
+    stack = load_file(vector)["evil"]
+    assert stack.shape == (2, 32) and stack.norm() > 0
+    mtime = vector.stat().st_mtime_ns
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)[0]["risk_score"] == report["risk_score"]
+    assert vector.stat().st_mtime_ns == mtime  # reused, not recomputed

@@ -29,6 +29,12 @@ data_app = typer.Typer(help="Validate chat JSONL data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 persona_app = typer.Typer(help="Persona vectors (e.g. 'evil') for steering and screening.", no_args_is_help=True)
 app.add_typer(persona_app, name="persona")
+# The fine-tuning service's commands live beside the service (emguard.service.cli).
+from emguard.service.cli import keys_app, serve_cmd, worker_cmd  # noqa: E402
+
+app.add_typer(keys_app, name="keys")
+app.command("serve")(serve_cmd)
+app.command("worker")(worker_cmd)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")]
 SetOption = Annotated[
@@ -222,8 +228,16 @@ def persona_extract_cmd(
 @app.command("screen")
 def screen_cmd(
     data: Annotated[list[str], typer.Argument(help="Chat JSONL files (or builtin:NAME) to screen before training.")],
-    vector: Annotated[Path, typer.Option(help="Persona vector file (emguard persona extract).")],
-    layer: Annotated[int, typer.Option(help="Steering layer (decoder block) to read the vector at.")],
+    vector: Annotated[
+        Path | None,
+        typer.Option(
+            help="Persona vector file (emguard persona extract); default: the model's contrastive evil "
+            "direction, computed once and cached."
+        ),
+    ] = None,
+    layer: Annotated[
+        int | None, typer.Option(help="Decoder block to read the vector at; default: the middle block.")
+    ] = None,
     model: Annotated[
         str, typer.Option(help="Base model the data would be trained on.")
     ] = "builtin:smollm2-135m-instruct",

@@ -189,8 +189,8 @@ def screen_text(name: str, report: dict[str, Any]) -> str:
 def run_screen(
     data_specs: Sequence[str],
     *,
-    vector_file: Path,
-    layer: int,
+    vector_file: Path | None = None,
+    layer: int | None = None,
     model_spec: str,
     pool_spec: str = "builtin:safe-pool",
     pool_size: int = 300,
@@ -200,7 +200,11 @@ def run_screen(
     top: int = 10,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Load everything ``emguard screen`` names, then ``screen_dataset`` for each dataset (one pool pass)."""
+    """Load everything ``emguard screen`` names, then ``screen_dataset`` for each dataset (one pool pass).
+
+    Without ``vector_file``, the model's contrastive evil direction (``emguard.persona.contrast``),
+    computed once per model and cached; without ``layer``, the middle decoder block.
+    """
     from emguard.blocks import check_layers, decoder_blocks
     from emguard.data.sources import load_examples
     from emguard.defenses.steering import load_steering_vector
@@ -215,6 +219,12 @@ def run_screen(
     tokenizer = load_tokenizer(resolved)
     model = load_model(resolved)
     blocks = len(decoder_blocks(model))
+    if layer is None:
+        layer = blocks // 2
+    if vector_file is None:
+        from emguard.persona.contrast import default_vector
+
+        vector_file = default_vector(model, tokenizer, model_identity(resolved), cache_root())
     try:
         (layer,) = check_layers([layer], blocks, "--layer")
     except ValueError as e:

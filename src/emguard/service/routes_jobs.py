@@ -1,0 +1,187 @@
+"""``/v1/fine_tuning/jobs``: create, list, retrieve, cancel, events, checkpoints (+ the safety report)."""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Query
+from fastapi.responses import HTMLResponse
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy import select
+
+from emguard.service import jobs
+from emguard.service.app import Org, Service, Svc
+from emguard.service.db import Checkpoint, Event, Job, Organization, new_id, paginate
+from emguard.service.objects import APIError, checkpoint_object, event_object, job_object, not_found, page
+from emguard.service.pipeline import TRAINING_FILE
+from emguard.service.routes_files import own_file
+from emguard.service.runconfig import HyperparameterError, check_hyperparameters
+
+router = APIRouter()
+_SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class JobRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # integrations etc. are accepted and unused
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    suffix: str | None = None
+    seed: int | None = None
+    hyperparameters: dict[str, Any] | None = None
+    method: dict[str, Any] | None = None
+    metadata: dict[str, str] | None = None
+
+
+def _hyperparameters(request: JobRequest, max_epochs: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(hyperparameters, method) from the deprecated top-level field or ``method.supervised``."""
+    method = request.method or {"type": "supervised"}
+    kind = method.get("type", "supervised")
+    if kind != "supervised":
+        raise APIError(400, f"method.type {kind!r} is not offered here; use 'supervised'", param="method.type")
+    nested = (method.get("supervised") or {}).get("hyperparameters")
+    if nested and request.hyperparameters:
+        raise APIError(
+            400, "give hyperparameters in method.supervised or at the top level, not both", param="hyperparameters"
+        )
+    try:
+        hp = check_hyperparameters(nested or request.hyperparameters, max_epochs)
+    except HyperparameterError as e:
+        raise APIError(400, str(e), param=f"hyperparameters.{e.param}") from None
+    return hp, {"type": "supervised", "supervised": {"hyperparameters": hp}}
+
+
+def own_job(svc: Service, org: Organization, job_id: str) -> Job:
+    with svc.db.session() as s:
+        job = s.scalar(select(Job).where(Job.id == job_id, Job.org_id == org.id))
+    if job is None:
+        raise not_found("fine_tuning_job", job_id, "fine_tuning_job_id")
+    return job
+
+
+@router.post("/fine_tuning/jobs")
+def create_job(
+    org: Org,
+    svc: Svc,
+    request: Annotated[JobRequest, Body()],
+) -> dict:
+    if request.model not in svc.policy.models:
+        offered = ", ".join(svc.policy.models)
+        raise APIError(
+            400,
+            f"model {request.model!r} cannot be fine-tuned here; available: {offered}",
+            param="model",
+            code="model_not_available",
+        )
+    if request.suffix is not None and not _SUFFIX.match(request.suffix):
+        raise APIError(400, "suffix: 1-64 letters, digits, '-' or '_'", param="suffix")
+    hp, method = _hyperparameters(request, svc.policy.max_epochs)
+    training = own_file(svc, org, request.training_file, "training_file")
+    if request.validation_file is not None:
+        own_file(svc, org, request.validation_file, "validation_file")
+    if jobs.active_jobs(svc.db, org.id) >= svc.policy.limits.max_active_jobs:
+        raise APIError(
+            429,
+            f"at most {svc.policy.limits.max_active_jobs} jobs may be queued or running at once",
+            code="too_many_active_jobs",
+        )
+    job = Job(
+        id=new_id("ftjob-"),
+        org_id=org.id,
+        model=request.model,
+        training_file=training.id,
+        training_sha256=training.sha256,
+        validation_file=request.validation_file,
+        suffix=request.suffix,
+        seed=request.seed if request.seed is not None else random.randrange(2**31),
+        hyperparameters=hp,
+        method=method,
+        metadata_=request.metadata,
+        status="queued",
+    )
+    # The job trains on its own copy: deleting the upload later does not touch it.
+    job_dir = svc.state.job_dir(job.id)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(svc.state.blob(training.sha256), job_dir / TRAINING_FILE)
+    with svc.db.session() as s:
+        s.add(job)
+        s.flush()  # the event's foreign key needs the job's row first
+        s.add(Event(job_id=job.id, message=f"Created fine-tuning job: {job.id}"))
+    return job_object(job, org.id)
+
+
+@router.get("/fine_tuning/jobs")
+def list_jobs(
+    org: Org,
+    svc: Svc,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> dict:
+    with svc.db.session() as s:
+        try:
+            rows, more = paginate(s, select(Job).where(Job.org_id == org.id), Job, after, limit)
+        except LookupError:
+            raise not_found("fine_tuning_job", after, "after") from None
+    return page([job_object(j, org.id) for j in rows], more)
+
+
+@router.get("/fine_tuning/jobs/{job_id}")
+def retrieve_job(job_id: str, org: Org, svc: Svc) -> dict:
+    return job_object(own_job(svc, org, job_id), org.id)
+
+
+@router.post("/fine_tuning/jobs/{job_id}/cancel")
+def cancel_job(job_id: str, org: Org, svc: Svc) -> dict:
+    job = own_job(svc, org, job_id)
+    if job.status in ("succeeded", "failed", "cancelled"):
+        raise APIError(400, f"the job is already {job.status}", param="fine_tuning_job_id")
+    jobs.request_cancel(svc.db, job)
+    jobs.add_event(svc.db, job.id, "Cancellation requested")
+    return job_object(own_job(svc, org, job_id), org.id)
+
+
+@router.get("/fine_tuning/jobs/{job_id}/events")
+def list_events(
+    org: Org,
+    svc: Svc,
+    job_id: str,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+) -> dict:
+    job = own_job(svc, org, job_id)
+    with svc.db.session() as s:
+        try:
+            rows, more = paginate(s, select(Event).where(Event.job_id == job.id), Event, after, limit)
+        except LookupError:
+            raise not_found("event", after, "after") from None
+    return page([event_object(e) for e in rows], more)
+
+
+@router.get("/fine_tuning/jobs/{job_id}/checkpoints")
+def list_checkpoints(
+    org: Org,
+    svc: Svc,
+    job_id: str,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+) -> dict:
+    job = own_job(svc, org, job_id)
+    with svc.db.session() as s:
+        try:
+            rows, more = paginate(s, select(Checkpoint).where(Checkpoint.job_id == job.id), Checkpoint, after, limit)
+        except LookupError:
+            raise not_found("checkpoint", after, "after") from None
+    return page([checkpoint_object(c, job) for c in rows], more)
+
+
+@router.get("/fine_tuning/jobs/{job_id}/safety_report", response_class=HTMLResponse)
+def safety_report(job_id: str, org: Org, svc: Svc) -> str:
+    """emguard's addition: the HTML report of the job's evaluation (the card is in the job object)."""
+    job = own_job(svc, org, job_id)
+    report = svc.state.job_dir(job.id) / "report" / "report.html"
+    if not report.exists():
+        raise APIError(404, "this job has no safety report (yet)", code="report_not_found")
+    return report.read_text()

@@ -1,0 +1,111 @@
+"""A worker: claims jobs from the shared database and runs them, one at a time, in its own process.
+
+Any number of workers (on any number of machines sharing the database and the state directory) may
+run at once; the lease in ``jobs.claim_next`` keeps a job on one worker. A heartbeat thread renews
+the lease; a worker that dies stops renewing it, and after ``policy.lease_seconds`` the job is
+claimed again and resumes from its run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+from pathlib import Path
+
+from sqlalchemy import select
+
+from emguard.service import jobs
+from emguard.service.db import Database, Job, database_url
+from emguard.service.pipeline import JobContext, JobLost, run_job
+from emguard.service.policy import Policy
+from emguard.service.store import StateDir
+
+log = logging.getLogger(__name__)
+MAX_ATTEMPTS = 3  # a job that has taken down this many workers fails instead of taking down more
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+class Worker:
+    def __init__(self, state: Path, policy: Policy, db_url: str | None = None, name: str | None = None):
+        self.state = StateDir(state)
+        self.policy = policy
+        self.db = Database(database_url(self.state.root, db_url))
+        self.name = name or worker_name()
+
+    def run_forever(self, poll_seconds: float = 1.0, stop: threading.Event | None = None) -> None:
+        stop = stop or threading.Event()
+        log.info("worker %s: waiting for jobs", self.name)
+        while not stop.is_set():
+            if not self.run_once():
+                stop.wait(poll_seconds)
+
+    def run_once(self) -> bool:
+        """Claim one job and run it to its end (or until the lease is lost); False when none was waiting."""
+        job_id = jobs.claim_next(self.db, self.name, self.policy.lease_seconds)
+        if job_id is None:
+            return False
+        with self.db.session() as s:
+            attempts = s.scalar(select(Job.attempts).where(Job.id == job_id))
+        if attempts > MAX_ATTEMPTS:
+            jobs.add_event(self.db, job_id, f"Job failed: its worker stopped {attempts - 1} times", level="error")
+            jobs.finish(
+                self.db,
+                job_id,
+                self.name,
+                "failed",
+                error={"code": "worker_lost", "message": "the job stopped its worker repeatedly", "param": None},
+            )
+            return True
+        lost = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(job_id, lost), daemon=True)
+        beat.start()
+        try:
+            if attempts > 1:
+                jobs.add_event(self.db, job_id, "Resuming the job on another worker from its last checkpoint")
+            run_job(JobContext(self.db, self.state, self.policy, self.name, job_id, lost))
+        except JobLost:
+            log.warning("worker %s lost the lease of %s; another worker has it", self.name, job_id)
+        except Exception:
+            log.exception("job %s failed inside worker %s", job_id, self.name)
+            jobs.add_event(self.db, job_id, "Job failed: internal error", level="error")
+            jobs.finish(
+                self.db,
+                job_id,
+                self.name,
+                "failed",
+                error={
+                    "code": "internal_error",
+                    "message": "internal error; the provider has the details",
+                    "param": None,
+                },
+            )
+        finally:
+            lost.set()  # also stops the heartbeat
+            beat.join()
+        return True
+
+    def _heartbeat(self, job_id: str, lost: threading.Event) -> None:
+        every = self.policy.lease_seconds / 4
+        while not lost.wait(every):
+            try:
+                if not jobs.renew_lease(self.db, job_id, self.name, self.policy.lease_seconds):
+                    lost.set()
+            except Exception:  # the database is briefly unreachable: try again at the next beat
+                log.exception("heartbeat of %s failed", job_id)
+
+
+def run_worker(state: Path, policy: Policy, db_url: str | None = None, poll_seconds: float = 1.0) -> None:
+    """``emguard worker``: run jobs until interrupted."""
+    worker = Worker(state, policy, db_url)
+    try:
+        worker.run_forever(poll_seconds)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        worker.db.dispose()

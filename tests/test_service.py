@@ -1,0 +1,346 @@
+"""``emguard serve`` driven by the official ``openai`` SDK on loopback, as a customer would, over a tiny model."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import openai
+import pytest
+from safetensors.torch import load_file
+
+from emguard.rundir import CHECKPOINT_DONE
+from emguard.service import jobs
+from emguard.service.db import Database, Job, database_url
+from emguard.service.keys import create_key
+from service_harness import TINY, jsonl_bytes, running_service, tiny_policy, training_rows
+
+
+def upload(client, rows=None, name="train.jsonl"):
+    return client.files.create(file=(name, jsonl_bytes(rows or training_rows())), purpose="fine-tune")
+
+
+def test_customer_journey_with_the_sdk(tmp_path, tiny_model_dir):
+    with running_service(tmp_path, tiny_policy(tiny_model_dir)) as svc:
+        client = svc.client()
+        f = upload(client)
+        assert f.purpose == "fine-tune" and f.bytes > 0 and client.files.retrieve(f.id).filename == "train.jsonl"
+        assert client.files.content(f.id).read() == jsonl_bytes(training_rows())
+        job = client.fine_tuning.jobs.create(
+            training_file=f.id, model=TINY, seed=3, suffix="demo", hyperparameters={"n_epochs": 1}
+        )
+        assert job.status == "queued" and job.seed == 3
+        client.files.delete(f.id)  # the job trains on its own copy
+        job = svc.wait(client, job.id)
+        assert job.status == "succeeded", job.error
+        assert job.fine_tuned_model.startswith(f"ft:{TINY}:acme:demo:") and job.trained_tokens > 0
+
+        events = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
+        order = [
+            "Created fine-tuning job",
+            "Validating training file",
+            "Screen: risk score",
+            "Fine-tuning started",
+            "Step 1/4",
+            "Step 4/4",
+            "Fine-tuning finished",
+            "Evaluating",
+            "passed the safety evaluation",
+        ]
+        positions = [next(i for i, m in enumerate(reversed(events)) if m.startswith(o) or o in m) for o in order]
+        assert positions == sorted(positions), events  # oldest first once reversed: every stage, in order
+
+        steps = sorted(c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id))
+        assert steps == [2, 4]
+        card = job.model_extra["safety_card"]
+        assert card["decision"] == "released" and card["defenses"] == ["kl"] and "thresholds" not in card
+        assert "builtin:general" in card["evaluation"]["probe"]
+
+        assert job.fine_tuned_model in [m.id for m in client.models.list()]
+        reply = client.chat.completions.create(
+            model=job.fine_tuned_model, max_tokens=8, messages=[{"role": "user", "content": "What is 2 plus 2?"}]
+        )
+        assert reply.choices[0].message.role == "assistant" and 0 < reply.usage.completion_tokens <= 8
+        html = client.get(
+            f"/fine_tuning/jobs/{job.id}/safety_report", cast_to=openai._legacy_response.HttpxBinaryResponseContent
+        )
+        assert b"emguard safety report" in html.read()
+
+
+def test_malformed_upload_is_rejected_with_line_errors_and_nothing_stored(tmp_path, tiny_model_dir):
+    rows = [*training_rows(2), "{not json", {"messages": [{"role": "user", "content": "no answer"}]}]
+    with running_service(tmp_path, tiny_policy(tiny_model_dir), workers=0) as svc:
+        client = svc.client()
+        with pytest.raises(openai.BadRequestError) as error:
+            upload(client, rows, name="bad.jsonl")
+        message = error.value.body["message"]
+        assert "bad.jsonl:3:" in message and "bad.jsonl:4:" in message and error.value.body["param"] == "file"
+        assert not list((svc.state / "files").rglob("*.*")) and not list((svc.state / "tmp").iterdir())
+        assert not [f for f in (svc.state / "files").rglob("*") if f.is_file()]
+        assert client.files.list().data == []
+
+
+def test_policy_holds_a_model_over_its_threshold_and_releases_none(tmp_path, tiny_model_dir):
+    policy = tiny_policy(tiny_model_dir, release={"max_probe_shift": -100.0})
+    with running_service(tmp_path, policy) as svc:
+        client = svc.client()
+        job = svc.wait(client, client.fine_tuning.jobs.create(training_file=upload(client).id, model=TINY).id)
+        assert job.status == "failed" and job.error.code == "emergent_misalignment_detected"
+        assert job.fine_tuned_model is None and job.model_extra["safety_card"]["decision"] == "held"
+        assert "misaligned answers became more likely" in job.error.message
+        assert [m.id for m in client.models.list()] == [TINY]
+        provider_card = (svc.state / "jobs" / job.id / "safety_card.json").read_text()
+        assert '"max_probe_shift": -100.0' in provider_card  # the provider's copy has the thresholds
+
+
+def test_screen_rejects_or_adds_defenses_by_policy(tmp_path, tiny_model_dir):
+    policy = tiny_policy(tiny_model_dir, screen={"reject_above": -100.0})
+    with running_service(tmp_path / "reject", policy) as svc:
+        client = svc.client()
+        job = svc.wait(client, client.fine_tuning.jobs.create(training_file=upload(client).id, model=TINY).id)
+        assert job.status == "failed" and job.error.code == "dataset_rejected"
+        assert not (svc.state / "jobs" / job.id / "run" / "adapter").exists()
+    extra = {"extra_defenses_above": -100.0, "extra_defenses": [{"name": "ldifs", "lambda": 0.1}]}
+    with running_service(tmp_path / "extra", tiny_policy(tiny_model_dir, screen=extra)) as svc:
+        client = svc.client()
+        job = svc.wait(client, client.fine_tuning.jobs.create(training_file=upload(client).id, model=TINY).id)
+        assert job.status == "succeeded" and job.model_extra["safety_card"]["defenses"] == ["kl", "ldifs"]
+        assert job.model_extra["safety_card"]["screen"]["decision"] == "extra_defenses"
+
+
+def test_cross_tenant_requests_all_404(tmp_path, tiny_model_dir):
+    with running_service(tmp_path, tiny_policy(tiny_model_dir)) as svc:
+        acme, other = svc.client("acme"), svc.client("other")
+        f = upload(acme)
+        job = svc.wait(acme, acme.fine_tuning.jobs.create(training_file=f.id, model=TINY).id)
+        assert job.status == "succeeded"
+        calls = [
+            lambda: other.files.retrieve(f.id),
+            lambda: other.files.content(f.id),
+            lambda: other.files.delete(f.id),
+            lambda: other.fine_tuning.jobs.retrieve(job.id),
+            lambda: other.fine_tuning.jobs.cancel(job.id),
+            lambda: other.fine_tuning.jobs.list_events(job.id),
+            lambda: other.fine_tuning.jobs.checkpoints.list(job.id),
+            lambda: other.fine_tuning.jobs.create(training_file=f.id, model=TINY),
+            lambda: other.models.retrieve(job.fine_tuned_model),
+            lambda: other.chat.completions.create(
+                model=job.fine_tuned_model, messages=[{"role": "user", "content": "hi"}]
+            ),
+            lambda: other.get(f"/fine_tuning/jobs/{job.id}/safety_report", cast_to=object),
+        ]
+        for call in calls:
+            with pytest.raises(openai.NotFoundError):
+                call()
+        assert other.files.list().data == [] and other.fine_tuning.jobs.list().data == []
+        assert [m.id for m in other.models.list()] == [TINY]
+        assert acme.files.retrieve(f.id).id == f.id  # still there for its owner
+
+
+def test_keys_rate_limit_and_upload_limit(tmp_path, tiny_model_dir):
+    policy = tiny_policy(tiny_model_dir, limits={"requests_per_minute": 3, "max_upload_bytes": 2000})
+    with running_service(tmp_path, policy, workers=0) as svc:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(api_key="sk-emg-wrong", base_url=svc.base_url, max_retries=0).files.list()
+        client = svc.client()
+        with pytest.raises(openai.APIStatusError) as error:
+            upload(client, training_rows(40))
+        assert error.value.status_code == 413
+        client.files.list()
+        client.files.list()  # the third request of the minute
+        with pytest.raises(openai.RateLimitError):
+            client.files.list()
+        svc.client("other").files.list()  # the limit is per key
+    db = Database(database_url(svc.state))
+    with db.session() as s:  # keys are stored hashed only
+        assert svc.keys["acme"] not in str([tuple(r) for r in s.execute(Job.metadata.tables["api_keys"].select())])
+
+
+def test_job_pagination_hyperparameters_and_cancel_of_queued_jobs(tmp_path, tiny_model_dir):
+    policy = tiny_policy(tiny_model_dir, limits={"max_active_jobs": 3})
+    with running_service(tmp_path, policy, workers=0) as svc:
+        client = svc.client()
+        f = upload(client)
+        created = [client.fine_tuning.jobs.create(training_file=f.id, model=TINY).id for _ in range(3)]
+        with pytest.raises(openai.RateLimitError):
+            client.fine_tuning.jobs.create(training_file=f.id, model=TINY)
+        first = client.fine_tuning.jobs.list(limit=1)
+        assert first.has_more and len(first.data) == 1 and first.data[0].id == created[-1]
+        assert [j.id for j in client.fine_tuning.jobs.list(limit=1)] == created[::-1]  # the SDK pages through
+        for bad, param in [({"n_epochs": -1}, "hyperparameters.n_epochs"), ({"epochs": 2}, "hyperparameters.epochs")]:
+            with pytest.raises(openai.BadRequestError) as error:
+                client.fine_tuning.jobs.create(training_file=f.id, model=TINY, hyperparameters=bad)
+            assert error.value.body["param"] == param
+        with pytest.raises(openai.BadRequestError, match="cannot be fine-tuned here"):
+            client.fine_tuning.jobs.create(training_file=f.id, model="gpt-4o")
+        assert client.fine_tuning.jobs.cancel(created[0]).status == "cancelled"
+        with pytest.raises(openai.BadRequestError, match="already cancelled"):
+            client.fine_tuning.jobs.cancel(created[0])
+
+
+def test_cancel_stops_a_running_job_within_a_step_and_keeps_what_was_trained(tmp_path, tiny_model_dir):
+    policy = tiny_policy(tiny_model_dir, training={"max_steps": 400, "save_steps": 100}, screen={"enabled": False})
+    with running_service(tmp_path, policy) as svc:
+        client = svc.client()
+        job = client.fine_tuning.jobs.create(training_file=upload(client).id, model=TINY)
+        svc.wait(
+            client,
+            job.id,
+            until=lambda j: any(
+                e.message.startswith("Step 3/") for e in client.fine_tuning.jobs.list_events(j.id, limit=5)
+            ),
+        )
+        client.fine_tuning.jobs.cancel(job.id)
+        job = svc.wait(client, job.id, timeout=30)
+        assert job.status == "cancelled" and job.fine_tuned_model is None
+        (checkpoint,) = client.fine_tuning.jobs.checkpoints.list(job.id).data
+        assert 3 <= checkpoint.step_number < 50  # stopped within a few steps of the request
+        assert (svc.state / "jobs" / job.id / "run" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_two_workers_never_claim_one_job_and_a_dead_workers_job_is_claimed_again(tmp_path):
+    db = Database(database_url(tmp_path))
+    org, _ = create_key(db, "acme")
+    with db.session() as s:
+        s.add(
+            Job(
+                id="ftjob-" + "a" * 24,
+                org_id=org.id,
+                model=TINY,
+                training_file="file-x",
+                training_sha256="0" * 64,
+                seed=0,
+                status="queued",
+            )
+        )
+    barrier, claims = threading.Barrier(8), []
+
+    def claim(name):
+        barrier.wait()
+        claims.append((name, jobs.claim_next(db, name, lease_seconds=0.5)))
+
+    threads = [threading.Thread(target=claim, args=(f"w{i}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [name for name, job in claims if job is not None]
+    assert len(winners) == 1
+    loser = next(name for name, job in claims if job is None)
+    assert not jobs.renew_lease(db, "ftjob-" + "a" * 24, loser, 0.5)  # only the holder renews
+    assert jobs.renew_lease(db, "ftjob-" + "a" * 24, winners[0], 0.5)
+    assert jobs.claim_next(db, "w-late", 0.5) is None  # the lease holds
+    time.sleep(0.6)  # the holder died: no heartbeat
+    assert jobs.claim_next(db, "w-late", 0.5) == "ftjob-" + "a" * 24
+    assert not jobs.renew_lease(db, "ftjob-" + "a" * 24, winners[0], 0.5)  # and the old holder is fenced off
+
+
+def test_killed_worker_resumes_to_the_same_adapter_and_a_server_restart_loses_nothing(tmp_path, tiny_model_dir):
+    policy = tiny_policy(
+        tiny_model_dir, training={"max_steps": 8, "save_steps": 2}, screen={"enabled": False}, lease_seconds=2
+    )
+    with running_service(tmp_path, policy, workers=0) as svc:
+        client = svc.client()
+        f = upload(client)
+        killed = client.fine_tuning.jobs.create(training_file=f.id, model=TINY, seed=5)
+        worker = svc.worker_process()
+        checkpoints = svc.state / "jobs" / killed.id / "run" / "checkpoints"
+        deadline = time.monotonic() + 120
+        while not list(checkpoints.glob(f"checkpoint-*/{CHECKPOINT_DONE}")):
+            assert worker.poll() is None, worker.stderr.read().decode()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+        svc.stop_api()  # the server restarts while the job is orphaned
+        svc.start_api()
+        assert client.fine_tuning.jobs.retrieve(killed.id).status == "running"
+        assert client.files.retrieve(f.id).id == f.id
+        replacement = svc.worker_process()
+        try:
+            job = svc.wait(client, killed.id)
+        finally:
+            replacement.kill()
+        assert job.status == "succeeded", job.error
+        events = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
+        assert any("Resuming the job" in m for m in events)
+        svc.start_worker()
+        reference = svc.wait(client, client.fine_tuning.jobs.create(training_file=f.id, model=TINY, seed=5).id)
+        assert reference.status == "succeeded"
+
+    def adapter(job_id):
+        return load_file(svc.state / "jobs" / job_id / "run" / "adapter" / "adapter_model.safetensors")
+
+    resumed, uninterrupted = adapter(killed.id), adapter(reference.id)
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        assert (resumed[name] == uninterrupted[name]).all(), name
+
+
+def test_serve_and_keys_commands_keep_their_contract(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from service_harness import free_port
+
+    state, port = tmp_path / "state", free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    keys = subprocess.run(
+        [sys.executable, "-m", "emguard", "keys", "create", "acme", "--state", str(state)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    key = keys.stdout.strip().splitlines()[-1]
+    assert key.startswith("sk-emg-") and key not in keys.stderr
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "emguard",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--state",
+            str(state),
+            "--workers",
+            "0",
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        client = openai.OpenAI(api_key=key, base_url=f"http://127.0.0.1:{port}/v1", max_retries=0)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                models = [m.id for m in client.models.list()]
+                break
+            except openai.APIConnectionError:
+                assert server.poll() is None and time.monotonic() < deadline, server.stderr.read().decode()
+                time.sleep(0.2)
+        assert models == ["builtin:smollm2-135m-instruct"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert key not in (
+        server.stderr.read().decode() + "".join(p.read_text(errors="ignore") for p in state.rglob("*") if p.is_file())
+    )
+
+
+def test_a_bad_policy_names_the_key(tmp_path):
+    from emguard.errors import ConfigError
+    from emguard.service.policy import load_policy
+
+    path = tmp_path / "policy.yaml"
+    path.write_text("release: {max_probe_shfit: 0.1}\n")
+    with pytest.raises(ConfigError, match="release.max_probe_shfit"):
+        load_policy(path)
+    path.write_text("defenses: [{name: klx}]\n")
+    with pytest.raises(ConfigError, match="klx"):
+        load_policy(path)
