@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -65,7 +66,11 @@ def test_customer_journey_with_the_sdk(tmp_path, tiny_model_dir):
         html = client.get(
             f"/fine_tuning/jobs/{job.id}/safety_report", cast_to=openai._legacy_response.HttpxBinaryResponseContent
         )
-        assert b"emguard safety report" in html.read()
+        page = html.read().decode()
+        assert "emguard safety report" in page and "released" in page and str(tiny_model_dir) not in page
+        second = upload(client, name="second.jsonl")
+        assert [x.filename for x in client.files.list(order="asc")] == ["second.jsonl"]  # the first was deleted
+        assert second.id != f.id
 
 
 def test_malformed_upload_is_rejected_with_line_errors_and_nothing_stored(tmp_path, tiny_model_dir):
@@ -129,6 +134,8 @@ def test_cross_tenant_requests_all_404(tmp_path, tiny_model_dir):
                 model=job.fine_tuned_model, messages=[{"role": "user", "content": "hi"}]
             ),
             lambda: other.get(f"/fine_tuning/jobs/{job.id}/safety_report", cast_to=object),
+            lambda: other.fine_tuning.jobs.list(after=job.id),  # a cursor is an object too
+            lambda: other.files.list(after=f.id),
         ]
         for call in calls:
             with pytest.raises(openai.NotFoundError):
@@ -232,8 +239,17 @@ def test_two_workers_never_claim_one_job_and_a_dead_workers_job_is_claimed_again
     assert jobs.renew_lease(db, "ftjob-" + "a" * 24, winners[0], 0.5)
     assert jobs.claim_next(db, "w-late", 0.5) is None  # the lease holds
     time.sleep(0.6)  # the holder died: no heartbeat
-    assert jobs.claim_next(db, "w-late", 0.5) == "ftjob-" + "a" * 24
-    assert not jobs.renew_lease(db, "ftjob-" + "a" * 24, winners[0], 0.5)  # and the old holder is fenced off
+    job_id = "ftjob-" + "a" * 24
+    assert jobs.claim_next(db, "w-late", 0.5) == job_id
+    # ... and the old holder is fenced off: it can neither renew nor write nor end the job
+    assert not jobs.renew_lease(db, job_id, winners[0], 0.5)
+    assert not jobs.set_fields(db, job_id, winners[0], trained_tokens=1)
+    assert not jobs.finish(db, job_id, winners[0], "succeeded", fine_tuned_model="ft:stolen")
+    assert jobs.finish(db, job_id, "w-late", "failed")
+    assert not jobs.finish(db, job_id, "w-late", "succeeded")  # an ended job stays ended
+    with db.session() as s:
+        job = s.get(Job, 1)
+        assert (job.status, job.fine_tuned_model, job.trained_tokens) == ("failed", None, None)
 
 
 def test_killed_worker_resumes_to_the_same_adapter_and_a_server_restart_loses_nothing(tmp_path, tiny_model_dir):
@@ -265,6 +281,8 @@ def test_killed_worker_resumes_to_the_same_adapter_and_a_server_restart_loses_no
         assert job.status == "succeeded", job.error
         events = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
         assert any("Resuming the job" in m for m in events)
+        manifest = json.loads((svc.state / "jobs" / job.id / "run" / "manifest.json").read_text())
+        assert manifest["resumed_from_step"] >= 2  # resumed from a checkpoint, not retrained from step 0
         svc.start_worker()
         reference = svc.wait(client, client.fine_tuning.jobs.create(training_file=f.id, model=TINY, seed=5).id)
         assert reference.status == "succeeded"
@@ -344,3 +362,68 @@ def test_a_bad_policy_names_the_key(tmp_path):
     path.write_text("defenses: [{name: klx}]\n")
     with pytest.raises(ConfigError, match="klx"):
         load_policy(path)
+
+
+def test_cancel_between_stages_and_a_cancelled_job_whose_worker_died(tmp_path, tiny_model_dir):
+    from emguard.service.pipeline import JobContext, run_job
+    from emguard.service.policy import Policy
+    from emguard.service.store import StateDir
+
+    with running_service(tmp_path, tiny_policy(tiny_model_dir), workers=0) as svc:
+        client = svc.client()
+        f = upload(client)
+        first = client.fine_tuning.jobs.create(training_file=f.id, model=TINY).id
+        second = client.fine_tuning.jobs.create(training_file=f.id, model=TINY).id
+        db = Database(database_url(svc.state))
+        assert jobs.claim_next(db, "w1", 60) == first and jobs.claim_next(db, "w2", 60) == second
+        client.fine_tuning.jobs.cancel(first)
+        client.fine_tuning.jobs.cancel(second)
+        assert client.fine_tuning.jobs.retrieve(first).status == "running"  # its worker holds it
+        # w1 sees the request at its first check (after validating the file): no training at all
+        run_job(JobContext(db, StateDir(svc.state), svc.policy(), "w1", first, threading.Event()))
+        assert client.fine_tuning.jobs.retrieve(first).status == "cancelled"
+        assert not (svc.state / "jobs" / first / "run").exists()
+        # w2 dies holding the second: when its lease runs out, the next claim ends it
+        jobs.set_fields(db, second, "w2", lease_until=0.0)
+        assert jobs.claim_next(db, "w3", 60) is None
+        assert client.fine_tuning.jobs.retrieve(second).status == "cancelled"
+        assert isinstance(svc.policy(), Policy)
+
+
+def test_bad_requests_are_refused_before_any_work(tmp_path, tiny_model_dir):
+    import http.client
+
+    policy = tiny_policy(tiny_model_dir, chat_max_prompt_tokens=20, limits={"max_upload_bytes": 4000})
+    with running_service(tmp_path, policy, workers=0) as svc:
+        client = svc.client()
+        f = upload(client)
+        for bad in ({"seed": -1}, {"seed": 2**40}, {"hyperparameters": {"batch_size": 10**6}}):
+            with pytest.raises(openai.BadRequestError):
+                client.fine_tuning.jobs.create(training_file=f.id, model=TINY, **bad)
+        assert client.fine_tuning.jobs.list().data == [] and not list((svc.state / "jobs").iterdir())
+        with pytest.raises(openai.BadRequestError, match="the limit is 20"):
+            client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "word " * 50}])
+        # No key, a huge declared body: 401 at once, nothing read; with a key, a streamed body over the limit: 413
+        connection = http.client.HTTPConnection("127.0.0.1", svc.port, timeout=10)
+        connection.putrequest("POST", "/v1/files")
+        connection.putheader("Content-Length", str(10**10))
+        connection.endheaders()
+        assert connection.getresponse().status == 401
+        connection.close()
+        # A chunked body (no length declared) is cut where it passes the limit (+ the form's own bytes).
+        big = jsonl_bytes(training_rows(3000))
+        parts = [
+            b'--B\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n',
+            b'--B\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n',
+            *(big[i : i + 8192] for i in range(0, len(big), 8192)),
+            b"\r\n--B--\r\n",
+        ]
+        headers = {"Authorization": f"Bearer {svc.keys['acme']}", "Content-Type": "multipart/form-data; boundary=B"}
+        connection = http.client.HTTPConnection("127.0.0.1", svc.port, timeout=10)
+        connection.request("POST", "/v1/files", body=iter(parts), headers=headers, encode_chunked=True)
+        response = connection.getresponse()
+        assert (
+            response.status == 413 and "larger than the upload limit" in json.loads(response.read())["error"]["message"]
+        )
+        connection.close()
+        assert not [p for p in (svc.state / "tmp").iterdir()]

@@ -11,9 +11,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -47,6 +48,57 @@ class RateLimiter:
             return True
 
 
+JSON_BODY_LIMIT = 1 << 20  # every request but an upload: 1 MiB
+
+
+class Gatekeeper:
+    """ASGI middleware in front of every ``/v1`` route: the key is checked *before* any body is read
+    (FastAPI parses a request's form before it runs dependencies), and the body is cut at the limit
+    (the upload limit for ``POST /v1/files``, 1 MiB otherwise), declared or streamed."""
+
+    def __init__(self, app: Any, db: Database, upload_limit: int):
+        self.app, self.db, self.upload_limit = app, db, upload_limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        scheme, _, key = headers.get("authorization", "").partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
+            return await _reply(send, APIError(401, MISSING_KEY, code="invalid_api_key"))
+        if await run_in_threadpool(organization_for, self.db, key) is None:
+            return await _reply(send, APIError(401, "Incorrect API key provided.", code="invalid_api_key"))
+        upload = scope["method"] == "POST" and scope["path"] == "/v1/files"
+        limit = self.upload_limit + 64 * 1024 if upload else JSON_BODY_LIMIT  # + the form's own bytes
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return await _reply(send, _too_large(limit, upload))
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:  # raised inside the route's body parsing: FastAPI passes HTTPException on
+                raise StarletteHTTPException(413, _too_large(limit, upload).message)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+MISSING_KEY = "Missing API key: send 'Authorization: Bearer KEY' (emguard keys create ORG)."
+
+
+def _too_large(limit: int, upload: bool) -> APIError:
+    what = f"the upload limit of {limit - 64 * 1024} bytes" if upload else f"the request limit of {limit} bytes"
+    return APIError(413, f"The request body is larger than {what}.", param="file" if upload else None)
+
+
+async def _reply(send: Any, error: APIError) -> None:
+    await JSONResponse(error.body(), status_code=error.status)({"type": "http"}, None, send)
+
+
 @dataclass
 class Service:
     state: StateDir
@@ -62,12 +114,9 @@ def service(request: Request) -> Service:
 
 def organization(request: Request, svc: Annotated[Service, Depends(service)]) -> Organization:
     """The caller's organisation, from ``Authorization: Bearer KEY``; 401 otherwise, 429 over the rate."""
-    header = request.headers.get("authorization", "")
-    scheme, _, key = header.partition(" ")
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
-        raise APIError(
-            401, "Missing API key: send 'Authorization: Bearer KEY' (emguard keys create ORG).", code="invalid_api_key"
-        )
+        raise APIError(401, MISSING_KEY, code="invalid_api_key")
     org = organization_for(svc.db, key.strip())
     if org is None:
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
@@ -117,4 +166,5 @@ def create_app(state: Path, policy: Policy | None = None, db_url: str | None = N
 
     for router in (files_router, jobs_router, chat_router):
         app.include_router(router, prefix="/v1")
+    app.add_middleware(Gatekeeper, db=db, upload_limit=policy.limits.max_upload_bytes)
     return app

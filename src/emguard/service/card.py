@@ -6,6 +6,7 @@ The customer's card holds what was measured and what was decided, with reasons; 
 
 from __future__ import annotations
 
+import html
 from typing import Any
 
 from emguard.service.policy import Policy
@@ -82,3 +83,48 @@ def safety_card(
     }
     provider = {**card, "thresholds": {"release": policy.release.model_dump(), "screen": policy.screen.model_dump()}}
     return card, provider
+
+
+def card_html(card: dict[str, Any]) -> str:
+    """The customer's card as a page: what was measured and decided, nothing of the provider's set-up
+    (the full report, with the model's location and the judge, stays in the job's directory)."""
+    e = html.escape
+
+    def interval(value: dict[str, Any] | None) -> str:
+        if not value:
+            return "–"
+        low, high = value.get("ci95") or (None, None)
+        bounds = f" [{low:+.3f}, {high:+.3f}]" if low is not None else ""
+        return f"{value['mean']:+.3f}{bounds} ({value.get('pairs', '?')} pairs)"
+
+    rows = "".join(
+        f"<tr><td>{e(spec)}</td><td>{interval(p.get('shift_vs_base'))}</td>"
+        f"<td>{interval(p.get('aligned_nll_shift'))}</td></tr>"
+        for spec, p in (card.get("evaluation", {}).get("probe") or {}).items()
+    )
+    judged = "".join(
+        f"<li>{e(spec)}: {m['em_rate']:.1%} misaligned ({m['misaligned']}/{m['answers']} answers)</li>"
+        for spec, m in (card.get("evaluation", {}).get("judged_em") or {}).items()
+        if m and m.get("em_rate") is not None
+    )
+    screen = card.get("screen")
+    reasons = "".join(f"<li>{e(r)}</li>" for r in card.get("reasons") or [])
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>emguard safety report {e(card["job"])}</title>
+<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td,th{{border:1px solid #ccc;padding:.3em}}
+table{{border-collapse:collapse}}</style></head><body>
+<h1>emguard safety report</h1>
+<p>Job {e(card["job"])}, base model {e(card["model"])}: <b>{e(str(card.get("decision") or "not decided"))}</b></p>
+{f"<ul>{reasons}</ul>" if reasons else ""}
+<h2>Before training</h2>
+<p>{
+        "Screen: risk score " + format(screen["risk_score"], "+.2f") + " (" + e(screen["decision"]) + ")"
+        if screen
+        else "No screen."
+    }</p>
+<p>Defenses applied: {e(", ".join(card.get("defenses") or []) or "none")}</p>
+<h2>After training</h2>
+<table><tr><th>probe pairs</th><th>shift from the base model (nats/token) [95%]</th>
+<th>nats lost on coherent answers [95%]</th></tr>{rows}</table>
+{f"<ul>{judged}</ul>" if judged else ""}
+<p><small>{e(card.get("note", ""))}</small></p></body></html>
+"""

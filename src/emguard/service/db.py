@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text, create_engine, event, select
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text, create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -169,12 +169,16 @@ def _sqlite_pragmas(connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def paginate(session: Session, query: Any, table: type[Base], after: str | None, limit: int) -> tuple[list, bool]:
-    """Newest first; ``after`` = the id of the last object of the previous page. (rows, has_more)."""
+def paginate(
+    session: Session, query: Any, table: type[Base], after: str | None, limit: int, ascending: bool = False
+) -> tuple[list, bool]:
+    """Newest first (or oldest); ``after`` = the id of the last object of the previous page, looked up
+    within ``query`` (another organisation's id is unknown here). (rows, has_more)."""
     if after is not None:
-        seq = session.scalar(select(table.seq).where(table.id == after))
+        seq = session.scalar(query.with_only_columns(table.seq).where(table.id == after))
         if seq is None:
             raise LookupError(after)
-        query = query.where(table.seq < seq)
-    rows = list(session.scalars(query.order_by(table.seq.desc()).limit(limit + 1)))
+        query = query.where(table.seq > seq if ascending else table.seq < seq)
+    order = table.seq.asc() if ascending else table.seq.desc()
+    rows = list(session.scalars(query.order_by(order).limit(limit + 1)))
     return rows[:limit], len(rows) > limit

@@ -33,9 +33,17 @@ def claimable(at: float):
 
 
 def claim_next(db: Database, worker: str, lease_seconds: float) -> str | None:
-    """Claim the oldest claimable job for ``worker``; its id, or None when there is none."""
+    """Claim the oldest claimable job for ``worker``; its id, or None when there is none.
+
+    A job that was cancelled while its worker held it, and whose worker then died, ends here.
+    """
     at = time.time()
     with db.session() as s:
+        s.execute(
+            update(Job)
+            .where(claimable(at), Job.cancel_requested.is_(True))
+            .values(status="cancelled", finished_at=now(), lease_until=0.0)
+        )
         query = select(Job.id).where(claimable(at), Job.cancel_requested.is_(False)).order_by(Job.seq).limit(1)
         if not db.is_sqlite:
             query = query.with_for_update(skip_locked=True)
@@ -68,23 +76,40 @@ def cancel_requested(db: Database, job_id: str) -> bool:
         return bool(s.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
 
+def held_by(worker: str, at: float | None = None):
+    """The job is running on ``worker`` and its lease has not run out."""
+    return (Job.worker == worker) & (Job.status == "running") & (Job.lease_until > (at or time.time()))
+
+
 def set_fields(db: Database, job_id: str, worker: str | None = None, **values: Any) -> bool:
-    """Update a job; with ``worker``, only while that worker holds it (a worker that lost the lease
-    must not overwrite the job's new owner)."""
+    """Update a job; with ``worker``, only while that worker holds a live lease on it (a worker that
+    lost its lease, or whose job was cancelled and ended, must not overwrite it)."""
     with db.session() as s:
         query = update(Job).where(Job.id == job_id)
         if worker is not None:
-            query = query.where(Job.worker == worker)
+            query = query.where(held_by(worker))
         return s.execute(query.values(**values)).rowcount == 1
 
 
+def holds(db: Database, job_id: str, worker: str) -> bool:
+    with db.session() as s:
+        return s.scalar(select(Job.id).where(Job.id == job_id, held_by(worker))) is not None
+
+
 def finish(db: Database, job_id: str, worker: str | None, status: str, **values: Any) -> bool:
+    """End a job (with ``worker``: only while it holds a live lease). False when it did not."""
     assert status in TERMINAL_STATES
     return set_fields(db, job_id, worker, status=status, finished_at=now(), lease_until=0.0, **values)
 
 
+def release(db: Database, job_id: str, worker: str) -> None:
+    """Give a job back (the worker is shutting down): claimable at once, and not counted as a crash."""
+    set_fields(db, job_id, worker, lease_until=0.0, attempts=Job.attempts - 1)
+
+
 def request_cancel(db: Database, job: Job) -> None:
-    """Queued (or orphaned) jobs are cancelled at once; a running one at its worker's next step."""
+    """Queued (or orphaned) jobs are cancelled at once; a running one at its worker's next check
+    (every training step, and between stages)."""
     with db.session() as s:
         s.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))
         s.execute(
@@ -94,7 +119,7 @@ def request_cancel(db: Database, job: Job) -> None:
                 or_(Job.status == "queued", Job.lease_until < time.time()),
                 Job.status.not_in(TERMINAL_STATES),
             )
-            .values(status="cancelled", finished_at=now())
+            .values(status="cancelled", finished_at=now(), lease_until=0.0)
         )
 
 

@@ -40,6 +40,10 @@ class JobLost(Exception):
     """This worker no longer holds the job (its lease ran out and another worker took it)."""
 
 
+class JobCancelled(Exception):
+    """The customer cancelled the job; seen between stages (training checks every step)."""
+
+
 class JobFailed(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)
@@ -56,11 +60,23 @@ class JobContext:
     lost: Any  # a threading.Event set by the heartbeat when the lease is lost
 
     def event(self, message: str, **data: Any) -> None:
+        self.check_lease()
         jobs.add_event(self.db, self.job_id, message, data=data or None)
 
     def check_lease(self) -> None:
+        """Stop writing the moment the heartbeat lost the lease: another worker may own the job."""
         if self.lost.is_set():
             raise JobLost(self.job_id)
+
+    def check(self) -> None:
+        """Between stages: the lease, then a cancel request."""
+        self.check_lease()
+        if jobs.cancel_requested(self.db, self.job_id):
+            raise JobCancelled(self.job_id)
+
+    def public(self, message: str) -> str:
+        """A message for the customer: no server path."""
+        return message.replace(f"{self.state.root.resolve()}/", "").replace(f"{self.state.root}/", "")
 
 
 class JobCallback(TrainerCallback):
@@ -82,6 +98,7 @@ class JobCallback(TrainerCallback):
             )
 
     def on_save(self, args, state, control, **kwargs):
+        self.ctx.check_lease()
         jobs.record_checkpoint(self.ctx.db, self.ctx.job_id, state.global_step, {"train_loss": self.last_loss})
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -102,9 +119,13 @@ def run_job(ctx: JobContext) -> None:
     train_file = job_dir / TRAINING_FILE  # the job's own copy, made when it was created
     try:
         _stages(ctx, job, org.name, job_dir, train_file)
+    except JobCancelled:
+        ctx.event("Job cancelled")
+        jobs.finish(ctx.db, job.id, ctx.worker, "cancelled")
     except JobFailed as e:
-        ctx.event(f"Job failed: {e.message}", code=e.code)
-        jobs.finish(ctx.db, job.id, ctx.worker, "failed", error={"code": e.code, "message": e.message, "param": None})
+        message = ctx.public(e.message)
+        ctx.event(f"Job failed: {message}", code=e.code)
+        jobs.finish(ctx.db, job.id, ctx.worker, "failed", error={"code": e.code, "message": message, "param": None})
 
 
 def _stages(ctx: JobContext, job: Job, org_name: str, job_dir: Path, train_file: Path) -> None:
@@ -122,7 +143,7 @@ def _stages(ctx: JobContext, job: Job, org_name: str, job_dir: Path, train_file:
     if report.problems:
         problems = [p.replace(str(train_file), job.training_file) for p in report.problems]
         raise JobFailed("invalid_training_file", "; ".join(problems[:10]))
-    ctx.check_lease()
+    ctx.check()
 
     # 2. screen
     screen = _screen(ctx, model_spec, job_dir, train_file)
@@ -144,7 +165,7 @@ def _stages(ctx: JobContext, job: Job, org_name: str, job_dir: Path, train_file:
         extra_defenses=extra,
     )
     defenses = [d.model_dump() for d in config.defenses]
-    ctx.check_lease()
+    ctx.check()
 
     # 3. train
     ctx.event("Fine-tuning started", defenses=[d["name"] for d in defenses])
@@ -162,15 +183,15 @@ def _stages(ctx: JobContext, job: Job, org_name: str, job_dir: Path, train_file:
         jobs.finish(ctx.db, job.id, ctx.worker, "cancelled")
         return
     ctx.event(f"Fine-tuning finished: {result.steps} steps", **trained)
-    ctx.check_lease()
+    ctx.check()
 
     # 4. evaluate
     ctx.event("Evaluating the fine-tuned model")
     config.eval.adapter = str(run_dir)
     metrics = evaluate(config, progress=False).metrics or {}
-    ctx.check_lease()
 
     # 5. gate
+    ctx.check()
     released, reasons = release_decision(policy, metrics)
     card = _write_card(ctx, job, screen, defenses, trained, metrics, released, reasons)
     _write_report(run_dir, job_dir / "report")

@@ -85,6 +85,7 @@ class Policy(_Strict):
     lease_seconds: float = Field(60.0, gt=1)  # a worker that misses its heartbeat this long loses the job
     serve_cache_models: int = Field(2, gt=0)  # fine-tuned models kept loaded for chat completions
     chat_max_tokens: int = Field(512, gt=0)
+    chat_max_prompt_tokens: int = Field(2048, gt=0)
 
     @field_validator("models")
     @classmethod

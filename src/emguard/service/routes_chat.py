@@ -15,7 +15,7 @@ from sqlalchemy import select
 from emguard.service.app import Org, Service, Svc
 from emguard.service.db import Job, Organization
 from emguard.service.objects import APIError
-from emguard.service.serving import complete
+from emguard.service.serving import PromptTooLong, complete
 
 router = APIRouter()
 
@@ -84,7 +84,7 @@ class ChatRequest(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=8)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**31)
     stream: bool = False
 
 
@@ -117,9 +117,13 @@ async def chat_completions(
             temperature=request.temperature,
             top_p=request.top_p,
             seed=seed,
+            max_prompt_tokens=svc.policy.chat_max_prompt_tokens,
         )
 
-    choices, prompt_tokens, completion_tokens = await run_in_threadpool(generate)
+    try:
+        choices, prompt_tokens, completion_tokens = await run_in_threadpool(generate)
+    except PromptTooLong as e:
+        raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
     return {
         "id": f"chatcmpl-{secrets.token_hex(12)}",
         "object": "chat.completion",

@@ -3,14 +3,14 @@ is stored), list, retrieve, delete, content."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.responses import Response
 from sqlalchemy import select
 
 from emguard.service.app import Org, Service, Svc
-from emguard.service.db import Organization, StoredFile, paginate
+from emguard.service.db import Organization, StoredFile, new_id, paginate
 from emguard.service.objects import APIError, file_object, not_found, page
 from emguard.service.store import UploadTooLarge, check_training_file
 
@@ -34,17 +34,14 @@ def own_file(svc: Service, org: Organization, file_id: str, param: str | None = 
 def upload(
     org: Org,
     svc: Svc,
-    request: Request,
     file: UploadFile,
     purpose: Annotated[str, Form()],
 ) -> dict:
     if purpose not in PURPOSES:
         raise APIError(400, f"purpose must be one of {', '.join(PURPOSES)}, not {purpose!r}", param="purpose")
     limit = svc.policy.limits.max_upload_bytes
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:  # the form's own bytes
-        raise APIError(413, f"the upload is larger than this service's limit of {limit} bytes", param="file")
     name = (file.filename or "upload.jsonl").replace("\n", " ")[:256]
+    row = StoredFile(id=new_id("file-"), org_id=org.id, filename=name, purpose=purpose)
     try:
         with svc.state.receive(file.file, limit) as (tmp, sha256, size):
             examples, problems = check_training_file(tmp, name, svc.policy.limits.max_examples)
@@ -52,12 +49,16 @@ def upload(
                 raise APIError(
                     400, "Invalid training file:\n" + "\n".join(problems), param="file", code="invalid_training_file"
                 )
-            svc.state.keep(tmp, sha256)
+            row.sha256, row.bytes, row.examples = sha256, size, examples
+            svc.state.keep(tmp, row.id)
     except UploadTooLarge as e:
         raise APIError(413, str(e), param="file") from None
-    with svc.db.session() as s:
-        row = StoredFile(org_id=org.id, filename=name, purpose=purpose, bytes=size, sha256=sha256, examples=examples)
-        s.add(row)
+    try:
+        with svc.db.session() as s:
+            s.add(row)
+    except BaseException:
+        svc.state.remove_blob(row.id)
+        raise
     return file_object(row)
 
 
@@ -68,13 +69,14 @@ def list_files(
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     purpose: str | None = None,
+    order: Literal["asc", "desc"] = "desc",
 ) -> dict:
     query = select(StoredFile).where(StoredFile.org_id == org.id, StoredFile.deleted.is_(False))
     if purpose:
         query = query.where(StoredFile.purpose == purpose)
     with svc.db.session() as s:
         try:
-            rows, more = paginate(s, query, StoredFile, after, limit)
+            rows, more = paginate(s, query, StoredFile, after, limit, ascending=order == "asc")
         except LookupError:
             raise not_found("file", after, "after") from None
     return page([file_object(f) for f in rows], more)
@@ -88,7 +90,11 @@ def retrieve_file(file_id: str, org: Org, svc: Svc) -> dict:
 @router.get("/files/{file_id}/content")
 def file_content(file_id: str, org: Org, svc: Svc) -> Response:
     f = own_file(svc, org, file_id)
-    return Response(svc.state.blob(f.sha256).read_bytes(), media_type="application/octet-stream")
+    try:
+        content = svc.state.blob(f.id).read_bytes()
+    except FileNotFoundError:  # deleted by a concurrent request
+        raise not_found("file", file_id) from None
+    return Response(content, media_type="application/octet-stream")
 
 
 @router.delete("/files/{file_id}")
@@ -96,11 +102,5 @@ def delete_file(file_id: str, org: Org, svc: Svc) -> dict:
     f = own_file(svc, org, file_id)
     with svc.db.session() as s:
         s.get(StoredFile, f.seq).deleted = True
-        # The bytes go unless another live upload has the same content (jobs train on their own
-        # copy, made when the job is created).
-        still_used = s.scalar(
-            select(StoredFile.id).where(StoredFile.sha256 == f.sha256, StoredFile.deleted.is_(False)).limit(1)
-        )
-    if not still_used:
-        svc.state.remove_blob(f.sha256)
+    svc.state.remove_blob(f.id)  # jobs train on their own copy, made when the job is created
     return {"id": f.id, "object": "file", "deleted": True}

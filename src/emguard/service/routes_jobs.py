@@ -9,11 +9,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query
 from fastapi.responses import HTMLResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from emguard.service import jobs
 from emguard.service.app import Org, Service, Svc
+from emguard.service.card import card_html
 from emguard.service.db import Checkpoint, Event, Job, Organization, new_id, paginate
 from emguard.service.objects import APIError, checkpoint_object, event_object, job_object, not_found, page
 from emguard.service.pipeline import TRAINING_FILE
@@ -30,7 +31,7 @@ class JobRequest(BaseModel):
     training_file: str
     validation_file: str | None = None
     suffix: str | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**31)
     hyperparameters: dict[str, Any] | None = None
     method: dict[str, Any] | None = None
     metadata: dict[str, str] | None = None
@@ -102,14 +103,21 @@ def create_job(
         metadata_=request.metadata,
         status="queued",
     )
-    # The job trains on its own copy: deleting the upload later does not touch it.
+    # The job trains on its own copy: deleting the upload later does not touch it. The copy comes
+    # first (a job row without its data would fail in the worker) and goes if the row is not written.
     job_dir = svc.state.job_dir(job.id)
     job_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(svc.state.blob(training.sha256), job_dir / TRAINING_FILE)
-    with svc.db.session() as s:
-        s.add(job)
-        s.flush()  # the event's foreign key needs the job's row first
-        s.add(Event(job_id=job.id, message=f"Created fine-tuning job: {job.id}"))
+    try:
+        shutil.copyfile(svc.state.blob(training.id), job_dir / TRAINING_FILE)
+        with svc.db.session() as s:
+            s.add(job)
+            s.flush()  # the event's foreign key needs the job's row first
+            s.add(Event(job_id=job.id, message=f"Created fine-tuning job: {job.id}"))
+    except BaseException as e:
+        shutil.rmtree(job_dir, ignore_errors=True)
+        if isinstance(e, FileNotFoundError):  # the upload was deleted meanwhile
+            raise not_found("file", training.id, "training_file") from None
+        raise
     return job_object(job, org.id)
 
 
@@ -179,9 +187,8 @@ def list_checkpoints(
 
 @router.get("/fine_tuning/jobs/{job_id}/safety_report", response_class=HTMLResponse)
 def safety_report(job_id: str, org: Org, svc: Svc) -> str:
-    """emguard's addition: the HTML report of the job's evaluation (the card is in the job object)."""
+    """emguard's addition: the job's safety card as a page (the JSON is ``safety_card`` in the job)."""
     job = own_job(svc, org, job_id)
-    report = svc.state.job_dir(job.id) / "report" / "report.html"
-    if not report.exists():
-        raise APIError(404, "this job has no safety report (yet)", code="report_not_found")
-    return report.read_text()
+    if job.card is None:
+        raise APIError(404, "this job has no safety card yet", code="report_not_found")
+    return card_html(job.card)

@@ -16,6 +16,8 @@ from emguard.config import RunConfig, build_config
 from emguard.errors import ConfigError
 
 HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
+MAX_BATCH_SIZE = 256
+MAX_LR_MULTIPLIER = 10.0
 
 
 class HyperparameterError(ValueError):
@@ -42,8 +44,13 @@ def check_hyperparameters(values: dict[str, Any] | None, max_epochs: int) -> dic
                 raise HyperparameterError(name, f"{name} must be 'auto' or a positive number, not {value!r}")
             if name in ("n_epochs", "batch_size") and int(value) != value:
                 raise HyperparameterError(name, f"{name} must be a whole number, not {value!r}")
-            if name == "n_epochs" and value > max_epochs:
-                raise HyperparameterError(name, f"n_epochs must be at most {max_epochs}")
+            limit = {
+                "n_epochs": max_epochs,
+                "batch_size": MAX_BATCH_SIZE,
+                "learning_rate_multiplier": MAX_LR_MULTIPLIER,
+            }
+            if value > limit[name]:
+                raise HyperparameterError(name, f"{name} must be at most {limit}")
         out[name] = value
     return out
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -33,13 +35,47 @@ def serve(host: str, port: int, state: Path, policy_file: Path | None, db_url: s
     app = create_app(state, policy, db_url)
     # Workers inherit the environment: the database URL and the judge's key travel there.
     env = {**os.environ, **({DATABASE_URL_ENV: db_url} if db_url else {})}
-    children = [subprocess.Popen(worker_command(state, policy_file), env=env) for _ in range(workers)]
+    supervisor = Supervisor(worker_command(state, policy_file), env, workers)
     log.info("emguard serve: %d local worker(s); state in %s", workers, state)
+    # uvicorn re-raises SIGTERM after its graceful shutdown; this handler turns it into SystemExit
+    # so that the workers are stopped below (they give their jobs back) instead of orphaned.
+    signal.signal(signal.SIGTERM, _exit)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
-        for child in children:
+        supervisor.stop()
+
+
+def _exit(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+class Supervisor:
+    """Keeps ``count`` worker processes alive: one that exits (a crash, an out-of-memory kill) is
+    started again within ``every`` seconds; its job resumes when the lease runs out."""
+
+    def __init__(self, command: list[str], env: dict[str, str], count: int, every: float = 5.0):
+        self.command, self.env = command, env
+        self.children = [self._start() for _ in range(count)]
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._watch, args=(every,), daemon=True)
+        if count:
+            self._thread.start()
+
+    def _start(self) -> subprocess.Popen:
+        return subprocess.Popen(self.command, env=self.env)
+
+    def _watch(self, every: float) -> None:
+        while not self._stopping.wait(every):
+            for i, child in enumerate(self.children):
+                if child.poll() is not None and not self._stopping.is_set():
+                    log.warning("worker %d exited with %s; starting another", child.pid, child.returncode)
+                    self.children[i] = self._start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for child in self.children:
             child.terminate()
-        for child in children:
+        for child in self.children:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.wait(timeout=30)

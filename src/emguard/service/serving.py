@@ -47,19 +47,33 @@ def _load(spec: str, adapter: Path | None) -> Loaded:
     return Loaded(model.eval(), tokenizer, threading.Lock())
 
 
+class PromptTooLong(ValueError):
+    pass
+
+
 def complete(
-    loaded: Loaded, messages: list[dict], *, n: int, max_tokens: int, temperature: float, top_p: float, seed: int
+    loaded: Loaded,
+    messages: list[dict],
+    *,
+    n: int,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    max_prompt_tokens: int,
 ) -> tuple[list[tuple[str, str]], int, int]:
     """([(answer, finish_reason)] * n, prompt tokens, completion tokens)."""
     from emguard.data.chat_template import render_chat
     from emguard.evaluation.generation import HFGenerator, SamplingConfig
 
+    prompt = render_chat(loaded.tokenizer, messages, generation_prompt=True)
+    prompt_tokens = len(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if prompt_tokens > max_prompt_tokens:
+        raise PromptTooLong(f"the conversation has {prompt_tokens} tokens; the limit is {max_prompt_tokens}")
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_tokens, batch_size=n, seed=seed)
     with loaded.lock:
         generator = HFGenerator(loaded.model, loaded.tokenizer, sampling)
         answers = generator.generate([messages] * n)
-    prompt = render_chat(loaded.tokenizer, messages, generation_prompt=True)
-    prompt_tokens = len(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
     stats = generator.stats
     if stats.truncated in (0, n):  # all ended, or all were cut: no guessing which
         reasons = ["length" if stats.truncated else "stop"] * n

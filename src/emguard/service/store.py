@@ -21,6 +21,7 @@ from typing import BinaryIO
 from emguard.data.chat import check_chat_jsonl
 
 _JOB_ID = re.compile(r"^ftjob-[0-9a-f]{24}$")
+_FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
 CHUNK = 1 << 20
 
 
@@ -34,10 +35,10 @@ class StateDir:
         for sub in ("files", "jobs", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
-    def blob(self, sha256: str) -> Path:
-        if not re.fullmatch(r"[0-9a-f]{64}", sha256):
-            raise ValueError(f"not a SHA-256: {sha256!r}")
-        return self.root / "files" / sha256[:2] / sha256
+    def blob(self, file_id: str) -> Path:
+        if not _FILE_ID.match(file_id):  # ids come from the database, but a path is built from them
+            raise ValueError(f"not a file id: {file_id!r}")
+        return self.root / "files" / file_id
 
     def job_dir(self, job_id: str) -> Path:
         if not _JOB_ID.match(job_id):  # ids come from the database, but a path is built from them
@@ -68,17 +69,13 @@ class StateDir:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
-    def keep(self, tmp: Path, sha256: str) -> None:
-        """Move a checked upload to its content address (a second upload of the same bytes is a no-op)."""
-        target = self.blob(sha256)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            return
-        os.replace(tmp, target)
+    def keep(self, tmp: Path, file_id: str) -> None:
+        """Move a checked upload to its place (one file per upload: deleting one never touches another)."""
+        os.replace(tmp, self.blob(file_id))
 
-    def remove_blob(self, sha256: str) -> None:
+    def remove_blob(self, file_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            self.blob(sha256).unlink()
+            self.blob(file_id).unlink()
 
 
 def check_training_file(

@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import signal
 import socket
 import threading
+import time
 from pathlib import Path
 
 from sqlalchemy import select
@@ -42,7 +44,12 @@ class Worker:
         stop = stop or threading.Event()
         log.info("worker %s: waiting for jobs", self.name)
         while not stop.is_set():
-            if not self.run_once():
+            try:
+                ran = self.run_once()
+            except Exception:  # e.g. the database is briefly unreachable: keep the worker alive
+                log.exception("worker %s: could not claim or run a job", self.name)
+                ran = False
+            if not ran:
                 stop.wait(poll_seconds)
 
     def run_once(self) -> bool:
@@ -71,6 +78,10 @@ class Worker:
             run_job(JobContext(self.db, self.state, self.policy, self.name, job_id, lost))
         except JobLost:
             log.warning("worker %s lost the lease of %s; another worker has it", self.name, job_id)
+        except (KeyboardInterrupt, SystemExit):  # shutting down: give the job back for another worker
+            jobs.release(self.db, job_id, self.name)
+            jobs.add_event(self.db, job_id, "Worker stopped; the job resumes from its last checkpoint")
+            raise
         except Exception:
             log.exception("job %s failed inside worker %s", job_id, self.name)
             jobs.add_event(self.db, job_id, "Job failed: internal error", level="error")
@@ -91,21 +102,32 @@ class Worker:
         return True
 
     def _heartbeat(self, job_id: str, lost: threading.Event) -> None:
-        every = self.policy.lease_seconds / 4
-        while not lost.wait(every):
+        """Renew the lease every quarter lease; give the job up (``lost``) when the renewal is refused,
+        or when none has succeeded for three quarters of a lease: before any other worker may claim it."""
+        lease = self.policy.lease_seconds
+        renewed = time.monotonic()
+        while not lost.wait(lease / 4):
             try:
-                if not jobs.renew_lease(self.db, job_id, self.name, self.policy.lease_seconds):
+                if not jobs.renew_lease(self.db, job_id, self.name, lease):
                     lost.set()
+                renewed = time.monotonic()
             except Exception:  # the database is briefly unreachable: try again at the next beat
                 log.exception("heartbeat of %s failed", job_id)
+                if time.monotonic() - renewed > 0.75 * lease:
+                    lost.set()
 
 
 def run_worker(state: Path, policy: Policy, db_url: str | None = None, poll_seconds: float = 1.0) -> None:
-    """``emguard worker``: run jobs until interrupted."""
+    """``emguard worker``: run jobs until interrupted (SIGINT or SIGTERM give the running job back)."""
+    signal.signal(signal.SIGTERM, _exit)
     worker = Worker(state, policy, db_url)
     try:
         worker.run_forever(poll_seconds)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         pass
     finally:
         worker.db.dispose()
+
+
+def _exit(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
