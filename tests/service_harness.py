@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -79,6 +80,7 @@ class RunningService:
     base_url: str
     keys: dict[str, str]
     port: int
+    db_url: str | None = None
     workers: list[threading.Thread] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
     server: uvicorn.Server | None = None
@@ -86,7 +88,7 @@ class RunningService:
 
     def start_api(self) -> None:
         """Start the API over the state directory (a fresh app: nothing carried over in memory)."""
-        app = create_app(self.state, load_policy(self.policy_file))
+        app = create_app(self.state, load_policy(self.policy_file), self.db_url)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -107,7 +109,7 @@ class RunningService:
 
     def start_worker(self) -> Worker:
         """A worker in a thread of the test process (fast; the fault tests use subprocess workers)."""
-        worker = Worker(self.state, self.policy())
+        worker = Worker(self.state, self.policy(), self.db_url)
         thread = threading.Thread(
             target=worker.run_forever, kwargs={"poll_seconds": 0.1, "stop": self.stop}, daemon=True
         )
@@ -116,7 +118,7 @@ class RunningService:
         return worker
 
     def worker_process(self) -> subprocess.Popen:
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **({"EMGUARD_DATABASE_URL": self.db_url} if self.db_url else {})}
         command = [
             sys.executable,
             "-m",
@@ -143,17 +145,19 @@ class RunningService:
 
 
 @contextlib.contextmanager
-def running_service(tmp_path: Path, policy: dict, orgs=("acme", "other"), workers: int = 1) -> Iterator[RunningService]:
+def running_service(
+    tmp_path: Path, policy: dict, orgs=("acme", "other"), workers: int = 1, db_url: str | None = None
+) -> Iterator[RunningService]:
     state = tmp_path / "state"
     policy_file = tmp_path / "policy.yaml"
     tmp_path.mkdir(parents=True, exist_ok=True)
     policy_file.write_text(yaml.safe_dump(policy))
     state.mkdir(parents=True, exist_ok=True)
-    db = Database(database_url(state))
+    db = Database(database_url(state, db_url))
     keys = {org: create_key(db, org)[1] for org in orgs}
     db.dispose()
     port = free_port()
-    running = RunningService(state, policy_file, f"http://127.0.0.1:{port}/v1", keys, port)
+    running = RunningService(state, policy_file, f"http://127.0.0.1:{port}/v1", keys, port, db_url)
     running.start_api()
     for _ in range(workers):
         running.start_worker()
@@ -164,3 +168,40 @@ def running_service(tmp_path: Path, policy: dict, orgs=("acme", "other"), worker
         for t in running.workers:
             t.join(timeout=120)
         running.stop_api()
+
+
+@contextlib.contextmanager
+def postgres_server(tmp_path: Path) -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on a Unix socket (initdb + pg_ctl, as the postgres user when
+    run as root); yields its SQLAlchemy URL. Skips the test when PostgreSQL or psycopg is missing."""
+    import shutil
+
+    import pytest
+
+    pytest.importorskip("psycopg")
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if not initdb or not pg_ctl:
+        pytest.skip("PostgreSQL (initdb, pg_ctl) is not installed")
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        runuser = shutil.which("runuser")
+        if runuser is None:
+            pytest.skip("running as root without runuser: cannot start PostgreSQL")
+        as_user = [runuser, "-u", "postgres", "--"]
+    root = Path(tempfile.mkdtemp(prefix="emguard-pg-", dir="/tmp"))  # socket paths must be short
+    os.chmod(root, 0o777)
+    data, port = root / "data", free_port()
+    subprocess.run(
+        [*as_user, initdb, "-D", str(data), "-A", "trust", "-U", "postgres"], check=True, capture_output=True
+    )
+    options = f"-k {root} -p {port} -h '' -c fsync=off"
+    subprocess.run(
+        [*as_user, pg_ctl, "-D", str(data), "-o", options, "-w", "start", "-l", str(root / "log")],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield f"postgresql+psycopg://postgres@/postgres?host={root}&port={port}"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import signal
 import threading
 import time
@@ -15,15 +16,37 @@ from emguard.rundir import CHECKPOINT_DONE
 from emguard.service import jobs
 from emguard.service.db import Database, Job, database_url
 from emguard.service.keys import create_key
-from service_harness import TINY, jsonl_bytes, running_service, tiny_policy, training_rows
+from service_harness import TINY, jsonl_bytes, postgres_server, running_service, tiny_policy, training_rows
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory):
+    with postgres_server(tmp_path_factory.mktemp("pg")) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request):
+    """None (SQLite in the state directory) or a fresh database on a throwaway PostgreSQL server."""
+    if request.param == "sqlite":
+        return None
+    from sqlalchemy import create_engine, text
+
+    base = request.getfixturevalue("postgres")
+    name = f"t{secrets.token_hex(6)}"
+    engine = create_engine(base, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return base.replace("/postgres?", f"/{name}?")
 
 
 def upload(client, rows=None, name="train.jsonl"):
     return client.files.create(file=(name, jsonl_bytes(rows or training_rows())), purpose="fine-tune")
 
 
-def test_customer_journey_with_the_sdk(tmp_path, tiny_model_dir):
-    with running_service(tmp_path, tiny_policy(tiny_model_dir)) as svc:
+def test_customer_journey_with_the_sdk(tmp_path, tiny_model_dir, db_url):
+    with running_service(tmp_path, tiny_policy(tiny_model_dir), db_url=db_url) as svc:
         client = svc.client()
         f = upload(client)
         assert f.purpose == "fine-tune" and f.bytes > 0 and client.files.retrieve(f.id).filename == "train.jsonl"
@@ -206,8 +229,8 @@ def test_cancel_stops_a_running_job_within_a_step_and_keeps_what_was_trained(tmp
         assert (svc.state / "jobs" / job.id / "run" / "adapter" / "adapter_model.safetensors").exists()
 
 
-def test_two_workers_never_claim_one_job_and_a_dead_workers_job_is_claimed_again(tmp_path):
-    db = Database(database_url(tmp_path))
+def test_two_workers_never_claim_one_job_and_a_dead_workers_job_is_claimed_again(tmp_path, db_url):
+    db = Database(database_url(tmp_path, db_url))
     org, _ = create_key(db, "acme")
     with db.session() as s:
         s.add(
@@ -252,11 +275,11 @@ def test_two_workers_never_claim_one_job_and_a_dead_workers_job_is_claimed_again
         assert (job.status, job.fine_tuned_model, job.trained_tokens) == ("failed", None, None)
 
 
-def test_killed_worker_resumes_to_the_same_adapter_and_a_server_restart_loses_nothing(tmp_path, tiny_model_dir):
+def test_killed_worker_resumes_to_the_same_adapter_and_a_server_restart_loses_nothing(tmp_path, tiny_model_dir, db_url):
     policy = tiny_policy(
         tiny_model_dir, training={"max_steps": 8, "save_steps": 2}, screen={"enabled": False}, lease_seconds=2
     )
-    with running_service(tmp_path, policy, workers=0) as svc:
+    with running_service(tmp_path, policy, workers=0, db_url=db_url) as svc:
         client = svc.client()
         f = upload(client)
         killed = client.fine_tuning.jobs.create(training_file=f.id, model=TINY, seed=5)
@@ -427,3 +450,18 @@ def test_bad_requests_are_refused_before_any_work(tmp_path, tiny_model_dir):
         )
         connection.close()
         assert not [p for p in (svc.state / "tmp").iterdir()]
+
+
+def test_workers_submitted_through_submitit_run_the_queue_and_exit_when_idle(tmp_path, tiny_model_dir):
+    pytest.importorskip("submitit")
+    from emguard.service.cluster import submit_workers
+
+    policy = tiny_policy(tiny_model_dir, screen={"enabled": False})
+    with running_service(tmp_path, policy, workers=0) as svc:
+        client = svc.client()
+        job = client.fine_tuning.jobs.create(training_file=upload(client).id, model=TINY)
+        (handle,) = submit_workers(
+            svc.state, svc.policy_file, 1, folder=tmp_path / "submitit", cluster="local", idle_exit=1.0
+        )
+        assert svc.wait(client, job.id).status == "succeeded"
+        assert handle.result() == 1  # one job run, then idle: the worker gave its slot back

@@ -30,11 +30,12 @@ app.add_typer(data_app, name="data")
 persona_app = typer.Typer(help="Persona vectors (e.g. 'evil') for steering and screening.", no_args_is_help=True)
 app.add_typer(persona_app, name="persona")
 # The fine-tuning service's commands live beside the service (emguard.service.cli).
-from emguard.service.cli import keys_app, serve_cmd, worker_cmd  # noqa: E402
+from emguard.service.cli import keys_app, serve_cmd, submit_workers_cmd, worker_cmd  # noqa: E402
 
 app.add_typer(keys_app, name="keys")
 app.command("serve")(serve_cmd)
 app.command("worker")(worker_cmd)
+app.command("submit-workers")(submit_workers_cmd)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")]
 SetOption = Annotated[

@@ -47,6 +47,9 @@ def worker_cmd(
     policy: PolicyOption = None,
     database_url: DatabaseUrl = None,
     poll: Annotated[float, typer.Option(help="Seconds between looks for a new job.")] = 1.0,
+    exit_when_idle: Annotated[
+        float | None, typer.Option(help="Exit after this many seconds without a job (cluster workers).")
+    ] = None,
 ) -> None:
     """Run fine-tuning jobs of a service (started by `emguard serve`, or on other machines)."""
     from emguard.service.policy import load_policy
@@ -54,7 +57,38 @@ def worker_cmd(
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
-    run_worker(state, load_policy(policy), database_url, poll)
+    run_worker(state, load_policy(policy), database_url, poll, exit_when_idle)
+
+
+def submit_workers_cmd(
+    count: Annotated[int, typer.Argument(help="Workers to submit (one GPU each).")],
+    state: StateOption = DEFAULT_STATE,
+    policy: PolicyOption = None,
+    cluster: Annotated[
+        str | None, typer.Option(help="slurm or local; default: Slurm when sbatch is available, else local.")
+    ] = None,
+    folder: Annotated[Path, typer.Option(help="submitit's folder for job scripts and logs.")] = Path("emguard-workers"),
+    partition: Annotated[str | None, typer.Option(help="Slurm partition.")] = None,
+    gpus: Annotated[int, typer.Option(help="GPUs per worker.")] = 1,
+    timeout_min: Annotated[int, typer.Option(help="Time limit of each worker job, in minutes.")] = 240,
+    exit_when_idle: Annotated[float, typer.Option(help="A worker exits after this many idle seconds.")] = 300.0,
+) -> None:
+    """Start service workers through a cluster scheduler (Slurm via submitit); prints the job ids."""
+    from emguard.service.cluster import submit_workers
+
+    handles = submit_workers(
+        state,
+        policy,
+        count,
+        folder=folder,
+        cluster=cluster,
+        idle_exit=exit_when_idle,
+        timeout_min=timeout_min,
+        gpus=gpus,
+        partition=partition,
+    )
+    for handle in handles:
+        typer.echo(handle.job_id)
 
 
 @keys_app.command("create")

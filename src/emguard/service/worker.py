@@ -40,17 +40,27 @@ class Worker:
         self.db = Database(database_url(self.state.root, db_url))
         self.name = name or worker_name()
 
-    def run_forever(self, poll_seconds: float = 1.0, stop: threading.Event | None = None) -> None:
+    def run_forever(
+        self, poll_seconds: float = 1.0, stop: threading.Event | None = None, idle_exit: float | None = None
+    ) -> int:
+        """Run jobs until ``stop`` is set (or, with ``idle_exit``, until no job came for that many
+        seconds: a worker started by a cluster scheduler gives its GPU back). Returns the jobs run."""
         stop = stop or threading.Event()
         log.info("worker %s: waiting for jobs", self.name)
+        ran_jobs, idle_since = 0, time.monotonic()
         while not stop.is_set():
             try:
                 ran = self.run_once()
             except Exception:  # e.g. the database is briefly unreachable: keep the worker alive
                 log.exception("worker %s: could not claim or run a job", self.name)
                 ran = False
-            if not ran:
+            if ran:
+                ran_jobs, idle_since = ran_jobs + 1, time.monotonic()
+            elif idle_exit is not None and time.monotonic() - idle_since > idle_exit:
+                break
+            else:
                 stop.wait(poll_seconds)
+        return ran_jobs
 
     def run_once(self) -> bool:
         """Claim one job and run it to its end (or until the lease is lost); False when none was waiting."""
@@ -117,14 +127,18 @@ class Worker:
                     lost.set()
 
 
-def run_worker(state: Path, policy: Policy, db_url: str | None = None, poll_seconds: float = 1.0) -> None:
-    """``emguard worker``: run jobs until interrupted (SIGINT or SIGTERM give the running job back)."""
-    signal.signal(signal.SIGTERM, _exit)
+def run_worker(
+    state: Path, policy: Policy, db_url: str | None = None, poll_seconds: float = 1.0, idle_exit: float | None = None
+) -> int:
+    """``emguard worker``: run jobs until interrupted (SIGINT or SIGTERM give the running job back) or
+    idle for ``idle_exit`` seconds; returns the jobs run."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit)
     worker = Worker(state, policy, db_url)
     try:
-        worker.run_forever(poll_seconds)
+        return worker.run_forever(poll_seconds, idle_exit=idle_exit)
     except (KeyboardInterrupt, SystemExit):
-        pass
+        return 0
     finally:
         worker.db.dispose()
 
