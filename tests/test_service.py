@@ -51,8 +51,14 @@ def test_customer_journey_with_the_sdk(tmp_path, tiny_model_dir, db_url):
         f = upload(client)
         assert f.purpose == "fine-tune" and f.bytes > 0 and client.files.retrieve(f.id).filename == "train.jsonl"
         assert client.files.content(f.id).read() == jsonl_bytes(training_rows())
+        validation = upload(client, training_rows(3), name="valid.jsonl")
         job = client.fine_tuning.jobs.create(
-            training_file=f.id, model=TINY, seed=3, suffix="demo", hyperparameters={"n_epochs": 1}
+            training_file=f.id,
+            validation_file=validation.id,
+            model=TINY,
+            seed=3,
+            suffix="demo",
+            hyperparameters={"n_epochs": 1},
         )
         assert job.status == "queued" and job.seed == 3
         client.files.delete(f.id)  # the job trains on its own copy
@@ -75,9 +81,11 @@ def test_customer_journey_with_the_sdk(tmp_path, tiny_model_dir, db_url):
         positions = [next(i for i, m in enumerate(reversed(events)) if m.startswith(o) or o in m) for o in order]
         assert positions == sorted(positions), events  # oldest first once reversed: every stage, in order
 
-        steps = sorted(c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id))
-        assert steps == [2, 4]
+        checkpoints = sorted(client.fine_tuning.jobs.checkpoints.list(job.id), key=lambda c: c.step_number)
+        assert [c.step_number for c in checkpoints] == [2, 4]
+        assert checkpoints[-1].metrics.valid_loss > 0 and checkpoints[-1].metrics.train_loss > 0
         card = job.model_extra["safety_card"]
+        assert card["training"]["valid_loss"] == checkpoints[-1].metrics.valid_loss
         assert card["decision"] == "released" and card["defenses"] == ["kl"] and "thresholds" not in card
         assert "builtin:general" in card["evaluation"]["probe"]
 
@@ -92,7 +100,7 @@ def test_customer_journey_with_the_sdk(tmp_path, tiny_model_dir, db_url):
         page = html.read().decode()
         assert "emguard safety report" in page and "released" in page and str(tiny_model_dir) not in page
         second = upload(client, name="second.jsonl")
-        assert [x.filename for x in client.files.list(order="asc")] == ["second.jsonl"]  # the first was deleted
+        assert [x.filename for x in client.files.list(order="asc")] == ["valid.jsonl", "second.jsonl"]
         assert second.id != f.id
 
 

@@ -34,6 +34,7 @@ from emguard.service.store import StateDir
 log = logging.getLogger(__name__)
 SCREEN_FILE = "screen.json"
 TRAINING_FILE = "training.jsonl"
+VALIDATION_FILE = "validation.jsonl"
 
 
 class JobLost(Exception):
@@ -139,10 +140,16 @@ def _stages(ctx: JobContext, job: Job, org_name: str, job_dir: Path, train_file:
 
     # 1. check
     ctx.event("Validating training file")
-    report = check_files([train_file], model=model_spec, max_length=policy.max_length)
-    if report.problems:
-        problems = [p.replace(str(train_file), job.training_file) for p in report.problems]
-        raise JobFailed("invalid_training_file", "; ".join(problems[:10]))
+    validation_file = job_dir / VALIDATION_FILE if job.validation_file else None
+    for path, file_id, code in (
+        (train_file, job.training_file, "invalid_training_file"),
+        (validation_file, job.validation_file, "invalid_validation_file"),
+    ):
+        if path is None:
+            continue
+        report = check_files([path], model=model_spec, max_length=policy.max_length)
+        if report.problems:
+            raise JobFailed(code, "; ".join(p.replace(str(path), file_id) for p in report.problems[:10]))
     ctx.check()
 
     # 2. screen
@@ -182,6 +189,13 @@ def _stages(ctx: JobContext, job: Job, org_name: str, job_dir: Path, train_file:
         ctx.event(f"Job cancelled after step {result.steps}; the checkpoint is kept")
         jobs.finish(ctx.db, job.id, ctx.worker, "cancelled")
         return
+    if validation_file is not None:
+        from emguard.service.validation import validation_loss
+
+        trained["valid_loss"] = validation_loss(model_spec, run_dir / "adapter", validation_file)
+        jobs.record_checkpoint(
+            ctx.db, job.id, result.steps, {"train_loss": result.final_loss, "valid_loss": trained["valid_loss"]}
+        )
     ctx.event(f"Fine-tuning finished: {result.steps} steps", **trained)
     ctx.check()
 

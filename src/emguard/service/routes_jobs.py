@@ -17,7 +17,7 @@ from emguard.service.app import Org, Service, Svc
 from emguard.service.card import card_html
 from emguard.service.db import Checkpoint, Event, Job, Organization, new_id, paginate
 from emguard.service.objects import APIError, checkpoint_object, event_object, job_object, not_found, page
-from emguard.service.pipeline import TRAINING_FILE
+from emguard.service.pipeline import TRAINING_FILE, VALIDATION_FILE
 from emguard.service.routes_files import own_file
 from emguard.service.runconfig import HyperparameterError, check_hyperparameters
 
@@ -81,8 +81,9 @@ def create_job(
         raise APIError(400, "suffix: 1-64 letters, digits, '-' or '_'", param="suffix")
     hp, method = _hyperparameters(request, svc.policy.max_epochs)
     training = own_file(svc, org, request.training_file, "training_file")
+    validation = None
     if request.validation_file is not None:
-        own_file(svc, org, request.validation_file, "validation_file")
+        validation = own_file(svc, org, request.validation_file, "validation_file")
     if jobs.active_jobs(svc.db, org.id) >= svc.policy.limits.max_active_jobs:
         raise APIError(
             429,
@@ -109,6 +110,8 @@ def create_job(
     job_dir.mkdir(parents=True, exist_ok=True)
     try:
         shutil.copyfile(svc.state.blob(training.id), job_dir / TRAINING_FILE)
+        if validation is not None:
+            shutil.copyfile(svc.state.blob(validation.id), job_dir / VALIDATION_FILE)
         with svc.db.session() as s:
             s.add(job)
             s.flush()  # the event's foreign key needs the job's row first
@@ -116,7 +119,7 @@ def create_job(
     except BaseException as e:
         shutil.rmtree(job_dir, ignore_errors=True)
         if isinstance(e, FileNotFoundError):  # the upload was deleted meanwhile
-            raise not_found("file", training.id, "training_file") from None
+            raise not_found("file", request.training_file, "training_file") from None
         raise
     return job_object(job, org.id)
 
