@@ -276,3 +276,4 @@ def test_screen_needs_no_vector_flags_the_models_contrastive_vector_is_computed_
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)[0]["risk_score"] == report["risk_score"]
     assert vector.stat().st_mtime_ns == mtime  # reused, not recomputed
+    assert len(list((tmp_path / "cache" / "screen").glob("pool-*.npy"))) == 1  # and so are the pool's scores

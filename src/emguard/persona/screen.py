@@ -21,6 +21,8 @@ Both are heuristics for ranking datasets and examples, not a measurement of emer
 
 from __future__ import annotations
 
+import io
+import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,11 +33,13 @@ import torch
 from tqdm.auto import tqdm
 
 from emguard.config import PerplexityGapOptions
-from emguard.data.chat import ChatExample
+from emguard.data.chat import ChatExample, examples_fingerprint
 from emguard.errors import ConfigError
 from emguard.evaluation.generation import HFGenerator, SamplingConfig
+from emguard.fsio import atomic_write_bytes
 from emguard.persona.activations import response_activations
 from emguard.selection.perplexity_gap import score_pool
+from emguard.utils import sha256_file, sha256_text
 
 OWN_ANSWER_TOKENS = 64  # length of the base model's own greedy answers (the reference of step 2)
 
@@ -161,6 +165,21 @@ def screen_dataset(
     return report
 
 
+def _cached_pool_scores(compute: Any, directory: Path, settings: list[Any], pool_key: str) -> np.ndarray:
+    """The pool's projection scores, computed once per (model, vector, layer, reference, pool):
+    every screen of a model against the same pool reuses them (a service screens every upload)."""
+    key = sha256_text(json.dumps([settings, pool_key], default=str))
+    path = directory / f"pool-{key[:24]}.npy"
+    if path.exists():
+        return np.load(path)
+    scores = compute()
+    directory.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.save(buffer, scores)
+    atomic_write_bytes(path, buffer.getvalue())
+    return scores
+
+
 def screen_text(name: str, report: dict[str, Any]) -> str:
     """The report for the terminal."""
     p = report["projection"]
@@ -233,7 +252,12 @@ def run_screen(
     if reference not in ("own_answers", "none"):
         raise ConfigError(f"screen: --reference must be own_answers or none, not {reference!r}")
     tokens = OWN_ANSWER_TOKENS if reference == "own_answers" else None
-    pool_scores = projection_scores(model, tokenizer, pool, vector, layer, tokens, "pool", progress)
+    pool_scores = _cached_pool_scores(
+        lambda: projection_scores(model, tokenizer, pool, vector, layer, tokens, "pool", progress),
+        cache_root() / "screen",
+        [model_identity(resolved), sha256_file(Path(vector_file)), layer, reference, tokens, pool_spec, pool_size],
+        examples_fingerprint(pool),
+    )
     reports = []
     for spec, data in datasets.items():
         report = screen_dataset(

@@ -32,8 +32,8 @@ class ScreenPolicy(_Strict):
     """``emguard screen`` before training; ``risk_score`` is in safe-pool standard deviations."""
 
     enabled: bool = True
-    max_examples: int | None = Field(200, gt=0)  # a seeded sample of the upload is screened
-    pool_size: int = Field(200, gt=0)
+    max_examples: int | None = Field(64, gt=0)  # a seeded sample of the upload is screened
+    pool_size: int = Field(128, gt=0)
     reject_above: float | None = None  # the job fails with error.code dataset_rejected
     extra_defenses_above: float | None = 1.0  # these jobs train with extra_defenses added
     extra_defenses: list[dict[str, Any]] = Field(default_factory=lambda: [{"name": "kl", "lambda": 0.1}])
