@@ -38,6 +38,7 @@ def tiny_policy(model_dir: Path, **overrides) -> dict:
         "lora": {"r": 4, "alpha": 8},
         "training": {"max_steps": 4, "batch_size": 2, "micro_batch_size": 2, "save_steps": 2, "warmup_steps": 0},
         "max_length": 128,
+        "monitor": {"every": 2, "max_pairs": 4},
         "eval": {"probe": {"pairs": ["builtin:general"], "max_pairs": 6}, "bootstrap": 50},
         "release": {"pairs": "builtin:general", "max_probe_shift": 100.0, "max_coherence_loss": None},
         "lease_seconds": 4,

@@ -73,6 +73,7 @@ def test_customer_journey_with_the_sdk(tmp_path, tiny_model_dir, db_url):
             "Screen: risk score",
             "Fine-tuning started",
             "Step 1/4",
+            "Monitor at step 2: probe shift",
             "Step 4/4",
             "Fine-tuning finished",
             "Evaluating",

@@ -87,6 +87,14 @@ class JobCallback(TrainerCallback):
         self.ctx, self.cancelled, self.last_loss = ctx, False, None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "monitor/probe_shift" in logs:
+            rate = logs.get("monitor/em_rate")
+            self.ctx.event(
+                f"Monitor at step {state.global_step}: probe shift {logs['monitor/probe_shift']:+.3f} nats/token"
+                + (f", judged EM rate {rate:.1%}" if rate is not None else ""),
+                step=state.global_step,
+                **{k.removeprefix("monitor/"): v for k, v in logs.items() if k.startswith("monitor/")},
+            )
         if logs and "loss" in logs:
             self.last_loss = float(logs["loss"])
             terms = {k: v for k, v in logs.items() if k.endswith("_loss") and k != "loss"}

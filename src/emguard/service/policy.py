@@ -75,7 +75,9 @@ class Policy(_Strict):
     )
     max_epochs: int = Field(10, gt=0)
     max_length: int = Field(1024, gt=0)  # tokens per training example
-    monitor: dict[str, Any] = Field(default_factory=lambda: {"every": 0})
+    # The in-training monitor (emguard's monitor section): the probe every N steps, an event each time;
+    # with threshold + action: stop, a run whose shift crosses the threshold stops early.
+    monitor: dict[str, Any] = Field(default_factory=lambda: {"every": 10, "max_pairs": 24})
     # The evaluation after training: probe pair sets (release.pairs among them) and an optional
     # judge (its API key from the provider's environment: eval.judge.api_key_env).
     eval: dict[str, Any] = Field(
