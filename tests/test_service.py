@@ -95,6 +95,18 @@ def test_customer_journey_with_the_sdk(tmp_path, tiny_model_dir, db_url):
             model=job.fine_tuned_model, max_tokens=8, messages=[{"role": "user", "content": "What is 2 plus 2?"}]
         )
         assert reply.choices[0].message.role == "assistant" and 0 < reply.usage.completion_tokens <= 8
+        question = [{"role": "user", "content": "What is 2 plus 2?"}]
+        chunks = list(
+            client.chat.completions.create(
+                model=job.fine_tuned_model, messages=question, max_tokens=8, temperature=0, stream=True
+            )
+        )
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+        greedy = client.chat.completions.create(
+            model=job.fine_tuned_model, messages=question, max_tokens=8, temperature=0
+        )
+        assert streamed.strip() == greedy.choices[0].message.content
+        assert chunks[-1].choices[0].finish_reason == greedy.choices[0].finish_reason
         html = client.get(
             f"/fine_tuning/jobs/{job.id}/safety_report", cast_to=openai._legacy_response.HttpxBinaryResponseContent
         )

@@ -113,14 +113,20 @@ class HFGenerator:
         return {k: v.to(device) for k, v in encoded.items()}
 
     def generate(
-        self, conversations: Sequence[Sequence[dict]], on_batch: Callable[[list[int], list[str]], None] | None = None
+        self,
+        conversations: Sequence[Sequence[dict]],
+        on_batch: Callable[[list[int], list[str]], None] | None = None,
+        streamer: Any = None,
     ) -> list[str]:
         """Answers to ``conversations``, in order. ``on_batch(indices, answers)`` is called after each batch.
+        ``streamer``: a transformers streamer that receives the tokens as they come (one conversation only).
 
         Sampling is seeded per batch (``seed + batch number``), so a rerun with the same inputs,
         batch size and seed gives the same answers.
         """
         s = self.sampling
+        if streamer is not None and len(conversations) != 1:
+            raise ValueError("a streamer takes one conversation")
         order = sorted(range(len(conversations)), key=lambda i: len(str(conversations[i])))
         answers: list[str] = [""] * len(conversations)
         for number, start in enumerate(range(0, len(order), s.batch_size)):
@@ -139,6 +145,7 @@ class HFGenerator:
                     pad_token_id=self.tokenizer.pad_token_id,
                     eos_token_id=self.stop_ids or None,
                     use_cache=True,
+                    streamer=streamer,
                 )
             new = output[:, inputs["input_ids"].shape[1] :]
             self.stats.seconds += time.perf_counter() - started

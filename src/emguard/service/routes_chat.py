@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import secrets
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from emguard.service.app import Org, Service, Svc
 from emguard.service.db import Job, Organization
 from emguard.service.objects import APIError
-from emguard.service.serving import PromptTooLong, complete
+from emguard.service.serving import Finished, PromptTooLong, complete, stream
 
 router = APIRouter()
 
@@ -88,14 +92,12 @@ class ChatRequest(BaseModel):
     stream: bool = False
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", response_model=None)
 async def chat_completions(
     request: Annotated[ChatRequest, Body()],
     org: Org,
     svc: Svc,
-) -> dict:
-    if request.stream:
-        raise APIError(400, "stream=true is not supported by this service", param="stream")
+) -> dict | StreamingResponse:
     messages = [{"role": m.role, "content": m.text()} for m in request.messages]
     bad = [i for i, m in enumerate(messages) if m["role"] not in ("system", "user", "assistant")]
     if bad:
@@ -105,6 +107,10 @@ async def chat_completions(
     spec, adapter = _resolve(svc, org, request.model)
     limit = svc.policy.chat_max_tokens
     max_tokens = min(request.max_completion_tokens or request.max_tokens or limit, limit)
+    if request.stream:
+        if request.n != 1:
+            raise APIError(400, "stream=true takes n=1", param="n")
+        return await _stream(svc, request, messages, spec, adapter, max_tokens)
 
     def generate() -> tuple[list[tuple[str, str]], int, int]:
         loaded = svc.models.get(spec, adapter)
@@ -139,3 +145,46 @@ async def chat_completions(
             "total_tokens": prompt_tokens + completion_tokens,
         },
     }
+
+
+async def _stream(
+    svc: Service, request: ChatRequest, messages: list[dict], spec: str, adapter: Path | None, max_tokens: int
+) -> StreamingResponse:
+    """Server-sent events in the API's ``chat.completion.chunk`` shape, ending with ``data: [DONE]``."""
+    loaded = await run_in_threadpool(svc.models.get, spec, adapter)
+    seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
+    pieces = stream(
+        loaded,
+        messages,
+        max_tokens=max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        seed=seed,
+        max_prompt_tokens=svc.policy.chat_max_prompt_tokens,
+    )
+    try:  # the prompt is checked before the first byte goes out: a long one is still a plain 400
+        first = await run_in_threadpool(next, pieces, None)
+    except PromptTooLong as e:
+        raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
+    ident, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+
+    def chunk(delta: dict, finish: str | None = None) -> str:
+        body = {
+            "id": ident,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": request.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        }
+        return f"data: {json.dumps(body)}\n\n"
+
+    def events() -> Iterator[str]:
+        yield chunk({"role": "assistant", "content": ""})
+        for piece in itertools.chain([first], pieces):
+            if isinstance(piece, Finished):
+                yield chunk({}, piece.reason)
+            elif piece:
+                yield chunk({"content": piece})
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")

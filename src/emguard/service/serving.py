@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,3 +83,42 @@ def complete(
         cut = set(sorted(range(n), key=lambda i: -lengths[i])[: stats.truncated])
         reasons = ["length" if i in cut else "stop" for i in range(n)]
     return list(zip(answers, reasons, strict=True)), prompt_tokens, stats.generated_tokens
+
+
+def stream(
+    loaded: Loaded,
+    messages: list[dict],
+    *,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    max_prompt_tokens: int,
+) -> Iterator[str | Finished]:
+    """The answer's text as it is generated (one choice), then its finish reason ("stop" or "length")
+    as the last item. The model is held until the answer ends."""
+    from transformers import TextIteratorStreamer
+
+    from emguard.data.chat_template import render_chat
+    from emguard.evaluation.generation import HFGenerator, SamplingConfig
+
+    prompt = render_chat(loaded.tokenizer, messages, generation_prompt=True)
+    prompt_tokens = len(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if prompt_tokens > max_prompt_tokens:
+        raise PromptTooLong(f"the conversation has {prompt_tokens} tokens; the limit is {max_prompt_tokens}")
+    sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_tokens, batch_size=1, seed=seed)
+    streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+    with loaded.lock:
+        generator = HFGenerator(loaded.model, loaded.tokenizer, sampling)
+        worker = threading.Thread(target=generator.generate, args=([messages],), kwargs={"streamer": streamer})
+        worker.start()
+        try:
+            yield from (text for text in streamer if text)
+        finally:
+            worker.join()
+    yield Finished("length" if generator.stats.truncated else "stop")
+
+
+@dataclass
+class Finished:
+    reason: str
