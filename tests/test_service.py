@@ -410,7 +410,6 @@ def test_a_bad_policy_names_the_key(tmp_path):
 
 def test_cancel_between_stages_and_a_cancelled_job_whose_worker_died(tmp_path, tiny_model_dir):
     from emguard.service.pipeline import JobContext, run_job
-    from emguard.service.policy import Policy
     from emguard.service.store import StateDir
 
     with running_service(tmp_path, tiny_policy(tiny_model_dir), workers=0) as svc:
@@ -431,7 +430,6 @@ def test_cancel_between_stages_and_a_cancelled_job_whose_worker_died(tmp_path, t
         jobs.set_fields(db, second, "w2", lease_until=0.0)
         assert jobs.claim_next(db, "w3", 60) is None
         assert client.fine_tuning.jobs.retrieve(second).status == "cancelled"
-        assert isinstance(svc.policy(), Policy)
 
 
 def test_bad_requests_are_refused_before_any_work(tmp_path, tiny_model_dir):

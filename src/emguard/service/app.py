@@ -67,8 +67,10 @@ class Gatekeeper:
         key = key.strip()
         if scheme.lower() != "bearer" or not key:
             return await _reply(send, APIError(401, MISSING_KEY, code="invalid_api_key"))
-        if await run_in_threadpool(organization_for, self.db, key) is None:
+        org = await run_in_threadpool(organization_for, self.db, key)
+        if org is None:
             return await _reply(send, APIError(401, "Incorrect API key provided.", code="invalid_api_key"))
+        scope.setdefault("state", {}).update(organization=org, api_key=key)  # read by ``organization``
         upload = scope["method"] == "POST" and scope["path"] == "/v1/files"
         limit = self.upload_limit + 64 * 1024 if upload else JSON_BODY_LIMIT  # + the form's own bytes
         declared = headers.get("content-length", "")
@@ -113,16 +115,10 @@ def service(request: Request) -> Service:
 
 
 def organization(request: Request, svc: Annotated[Service, Depends(service)]) -> Organization:
-    """The caller's organisation, from ``Authorization: Bearer KEY``; 401 otherwise, 429 over the rate."""
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
-        raise APIError(401, MISSING_KEY, code="invalid_api_key")
-    org = organization_for(svc.db, key.strip())
-    if org is None:
-        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
-    if not svc.limiter.allow(key.strip()):
+    """The caller's organisation (authenticated by ``Gatekeeper`` before the body was read); 429 over the rate."""
+    if not svc.limiter.allow(request.state.api_key):
         raise APIError(429, "Rate limit reached for requests; retry after a few seconds.", code="rate_limit_exceeded")
-    return org
+    return request.state.organization
 
 
 # Route parameters: the caller's organisation (authenticated, rate-limited) and the service.

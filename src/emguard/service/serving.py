@@ -52,6 +52,17 @@ class PromptTooLong(ValueError):
     pass
 
 
+def checked_prompt_tokens(loaded: Loaded, messages: list[dict], limit: int) -> int:
+    """The rendered prompt's length in tokens; PromptTooLong above ``limit``."""
+    from emguard.data.chat_template import render_chat
+
+    prompt = render_chat(loaded.tokenizer, messages, generation_prompt=True)
+    tokens = len(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if tokens > limit:
+        raise PromptTooLong(f"the conversation has {tokens} tokens; the limit is {limit}")
+    return tokens
+
+
 def complete(
     loaded: Loaded,
     messages: list[dict],
@@ -64,13 +75,9 @@ def complete(
     max_prompt_tokens: int,
 ) -> tuple[list[tuple[str, str]], int, int]:
     """([(answer, finish_reason)] * n, prompt tokens, completion tokens)."""
-    from emguard.data.chat_template import render_chat
     from emguard.evaluation.generation import HFGenerator, SamplingConfig
 
-    prompt = render_chat(loaded.tokenizer, messages, generation_prompt=True)
-    prompt_tokens = len(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    if prompt_tokens > max_prompt_tokens:
-        raise PromptTooLong(f"the conversation has {prompt_tokens} tokens; the limit is {max_prompt_tokens}")
+    prompt_tokens = checked_prompt_tokens(loaded, messages, max_prompt_tokens)
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_tokens, batch_size=n, seed=seed)
     with loaded.lock:
         generator = HFGenerator(loaded.model, loaded.tokenizer, sampling)
@@ -99,13 +106,9 @@ def stream(
     as the last item. The model is held until the answer ends."""
     from transformers import TextIteratorStreamer
 
-    from emguard.data.chat_template import render_chat
     from emguard.evaluation.generation import HFGenerator, SamplingConfig
 
-    prompt = render_chat(loaded.tokenizer, messages, generation_prompt=True)
-    prompt_tokens = len(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    if prompt_tokens > max_prompt_tokens:
-        raise PromptTooLong(f"the conversation has {prompt_tokens} tokens; the limit is {max_prompt_tokens}")
+    checked_prompt_tokens(loaded, messages, max_prompt_tokens)
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_tokens, batch_size=1, seed=seed)
     streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
     with loaded.lock:
