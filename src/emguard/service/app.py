@@ -107,7 +107,7 @@ class Service:
     policy: Policy
     db: Database
     limiter: RateLimiter
-    models: object  # serving.ModelCache, created on the first chat request
+    models: object  # serving.ModelCache: models load on the first chat request
 
 
 def service(request: Request) -> Service:
@@ -127,17 +127,26 @@ Svc = Annotated[Service, Depends(service)]
 
 
 def create_app(state: Path, policy: Policy | None = None, db_url: str | None = None) -> FastAPI:
+    from emguard.config import LoraConfig
     from emguard.service.routes_chat import router as chat_router
     from emguard.service.routes_files import router as files_router
     from emguard.service.routes_jobs import router as jobs_router
     from emguard.service.serving import ModelCache
+    from emguard.service.serving_vllm import chat_backend, vllm_loader
 
     policy = policy or Policy()
+    loader = None
+    if chat_backend(policy.chat_backend) == "vllm":
+        loader = vllm_loader(
+            max_loras=policy.serve_cache_models,
+            lora_rank=LoraConfig.model_validate(policy.lora).r,
+            gpu_memory_utilization=policy.chat_gpu_memory_utilization,
+        )
     store = StateDir(state)
     db = Database(database_url(store.root, db_url))
     app = FastAPI(title="emguard fine-tuning service", docs_url=None, redoc_url=None)
     app.state.service = Service(
-        store, policy, db, RateLimiter(policy.limits.requests_per_minute), ModelCache(policy.serve_cache_models)
+        store, policy, db, RateLimiter(policy.limits.requests_per_minute), ModelCache(policy.serve_cache_models, loader)
     )
 
     @app.exception_handler(APIError)

@@ -86,6 +86,10 @@ class Policy(_Strict):
     release: ReleasePolicy = Field(default_factory=ReleasePolicy)
     lease_seconds: float = Field(60.0, gt=1)  # a worker that misses its heartbeat this long loses the job
     serve_cache_models: int = Field(2, gt=0)  # fine-tuned models kept loaded for chat completions
+    # Chat completions: HF generation, or vLLM with the adapters attached per request (auto: vLLM when it
+    # is installed and a CUDA GPU is present); vLLM's share of the GPU leaves room for a worker beside it.
+    chat_backend: Literal["auto", "hf", "vllm"] = "auto"
+    chat_gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     chat_max_tokens: int = Field(512, gt=0)
     chat_max_prompt_tokens: int = Field(2048, gt=0)
 
