@@ -230,6 +230,54 @@ def test_job_pagination_hyperparameters_and_cancel_of_queued_jobs(tmp_path, tiny
             client.fine_tuning.jobs.cancel(created[0])
 
 
+def test_concurrent_creates_never_exceed_the_active_job_limit(tmp_path, tiny_model_dir, db_url):
+    policy = tiny_policy(tiny_model_dir, limits={"max_active_jobs": 3})
+    with running_service(tmp_path, policy, workers=0, db_url=db_url) as svc:
+        file_id = upload(svc.client()).id
+        start, outcomes = threading.Barrier(8), []
+
+        def create() -> None:
+            client = svc.client()
+            start.wait()
+            try:
+                outcomes.append(client.fine_tuning.jobs.create(training_file=file_id, model=TINY).status)
+            except openai.RateLimitError as e:
+                outcomes.append(e.code)
+
+        threads = [threading.Thread(target=create) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(outcomes) == ["queued"] * 3 + ["too_many_active_jobs"] * 5
+        assert len(svc.client().fine_tuning.jobs.list().data) == 3
+        assert len(list((svc.state / "jobs").iterdir())) == 3  # a refused job leaves no directory
+
+
+def test_jobs_list_filters_by_metadata(tmp_path, tiny_model_dir, db_url):
+    with running_service(tmp_path, tiny_policy(tiny_model_dir), workers=0, db_url=db_url) as svc:
+        client = svc.client()
+        f = upload(client)
+        tagged = [{"team": "a", "run": "1"}, {"team": "a", "run": "2"}, {"team": "b"}, None]
+        ids = [client.fine_tuning.jobs.create(training_file=f.id, model=TINY, metadata=m).id for m in tagged]
+        other = svc.client("other")
+        other.fine_tuning.jobs.create(training_file=upload(other).id, model=TINY, metadata={"team": "a"})
+
+        def listed(**kwargs) -> list[str]:
+            return [j.id for j in client.fine_tuning.jobs.list(**kwargs)]
+
+        assert client.fine_tuning.jobs.retrieve(ids[0]).metadata == {"team": "a", "run": "1"}
+        assert listed(metadata={"team": "a"}) == [ids[1], ids[0]]  # newest first; the other org's not
+        assert listed(metadata={"team": "a"}, limit=1) == [ids[1], ids[0]]  # paged through the filter
+        assert listed(metadata={"team": "a", "run": "2"}) == [ids[1]]
+        assert listed(metadata={"team": "c"}) == [] and listed(extra_query={"metadata": "null"}) == [ids[3]]
+        assert listed() == ids[::-1]
+        for bad in [{f"k{i}": "v" for i in range(17)}, {"k": "v" * 513}, {"k" * 65: "v"}]:
+            with pytest.raises(openai.BadRequestError) as error:
+                client.fine_tuning.jobs.create(training_file=f.id, model=TINY, metadata=bad)
+            assert error.value.body["param"] == "metadata"
+
+
 def test_cancel_stops_a_running_job_within_a_step_and_keeps_what_was_trained(tmp_path, tiny_model_dir):
     policy = tiny_policy(tiny_model_dir, training={"max_steps": 400, "save_steps": 100}, screen={"enabled": False})
     with running_service(tmp_path, policy) as svc:

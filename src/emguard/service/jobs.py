@@ -13,8 +13,9 @@ import time
 from typing import Any
 
 from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
 
-from emguard.service.db import TERMINAL_STATES, Checkpoint, Database, Event, Job, now
+from emguard.service.db import TERMINAL_STATES, Checkpoint, Database, Event, Job, Organization, now
 
 
 def add_event(
@@ -135,6 +136,16 @@ def record_checkpoint(db: Database, job_id: str, step: int, metrics: dict[str, A
 
 def active_jobs(db: Database, org_id: str) -> int:
     with db.session() as s:
-        return s.scalar(
-            select(func.count()).select_from(Job).where(Job.org_id == org_id, Job.status.not_in(TERMINAL_STATES))
-        )
+        return count_active(s, org_id)
+
+
+def count_active(session: Session, org_id: str) -> int:
+    """The organisation's queued or running jobs."""
+    query = select(func.count()).select_from(Job).where(Job.org_id == org_id, Job.status.not_in(TERMINAL_STATES))
+    return session.scalar(query)
+
+
+def lock_organization(session: Session, org_id: str) -> None:
+    """Hold the organisation's row until the transaction ends: a no-op UPDATE takes PostgreSQL's row
+    lock and SQLite's write lock before anything is read, so a check-then-insert under it is atomic."""
+    session.execute(update(Organization).where(Organization.id == org_id).values(id=Organization.id))

@@ -7,10 +7,10 @@ import re
 import shutil
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query
+from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import HTMLResponse
-from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import String, cast, or_, select
 
 from emguard.service import jobs
 from emguard.service.app import Org, Service, Svc
@@ -35,6 +35,19 @@ class JobRequest(BaseModel):
     hyperparameters: dict[str, Any] | None = None
     method: dict[str, Any] | None = None
     metadata: dict[str, str] | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_limits(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
+        """The API's limits: at most 16 pairs, keys up to 64 characters, values up to 512."""
+        if metadata is None:
+            return None
+        if len(metadata) > 16:
+            raise ValueError(f"at most 16 key-value pairs, got {len(metadata)}")
+        for key, value in metadata.items():
+            if not 0 < len(key) <= 64 or len(value) > 512:
+                raise ValueError(f"keys take 1-64 characters and values up to 512 (key {key[:64]!r})")
+        return metadata or None
 
 
 def _hyperparameters(request: JobRequest, max_epochs: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -84,12 +97,10 @@ def create_job(
     validation = None
     if request.validation_file is not None:
         validation = own_file(svc, org, request.validation_file, "validation_file")
-    if jobs.active_jobs(svc.db, org.id) >= svc.policy.limits.max_active_jobs:
-        raise APIError(
-            429,
-            f"at most {svc.policy.limits.max_active_jobs} jobs may be queued or running at once",
-            code="too_many_active_jobs",
-        )
+    limit = svc.policy.limits.max_active_jobs
+    too_many = APIError(429, f"at most {limit} jobs may be queued or running at once", code="too_many_active_jobs")
+    if jobs.active_jobs(svc.db, org.id) >= limit:  # cheap early answer; checked again under the lock below
+        raise too_many
     job = Job(
         id=new_id("ftjob-"),
         org_id=org.id,
@@ -113,6 +124,9 @@ def create_job(
         if validation is not None:
             shutil.copyfile(svc.state.blob(validation.id), job_dir / VALIDATION_FILE)
         with svc.db.session() as s:
+            jobs.lock_organization(s, org.id)  # concurrent creates of one organisation count one at a time
+            if jobs.count_active(s, org.id) >= limit:
+                raise too_many
             s.add(job)
             s.flush()  # the event's foreign key needs the job's row first
             s.add(Event(job_id=job.id, message=f"Created fine-tuning job: {job.id}"))
@@ -124,16 +138,32 @@ def create_job(
     return job_object(job, org.id)
 
 
+def _metadata_filter(request: Request) -> list[Any]:
+    """``metadata[KEY]=VALUE`` query parameters (the SDK's ``jobs.list(metadata={...})``): jobs whose
+    metadata holds every pair; ``metadata=null``: jobs without metadata."""
+    conditions: list[Any] = []
+    for name, value in request.query_params.multi_items():
+        if name == "metadata":
+            if value != "null":
+                raise APIError(400, "metadata takes metadata[KEY]=VALUE pairs or null", param="metadata")
+            conditions.append(or_(Job.metadata_.is_(None), cast(Job.metadata_, String) == "null"))
+        elif name.startswith("metadata[") and name.endswith("]"):
+            conditions.append(Job.metadata_[name[len("metadata[") : -1]].as_string() == value)
+    return conditions
+
+
 @router.get("/fine_tuning/jobs")
 def list_jobs(
+    request: Request,
     org: Org,
     svc: Svc,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> dict:
+    query = select(Job).where(Job.org_id == org.id, *_metadata_filter(request))
     with svc.db.session() as s:
         try:
-            rows, more = paginate(s, select(Job).where(Job.org_id == org.id), Job, after, limit)
+            rows, more = paginate(s, query, Job, after, limit)
         except LookupError:
             raise not_found("fine_tuning_job", after, "after") from None
     return page([job_object(j, org.id) for j in rows], more)
