@@ -272,7 +272,7 @@ def test_jobs_list_filters_by_metadata(tmp_path, tiny_model_dir, db_url):
         assert listed(metadata={"team": "a", "run": "2"}) == [ids[1]]
         assert listed(metadata={"team": "c"}) == [] and listed(extra_query={"metadata": "null"}) == [ids[3]]
         assert listed() == ids[::-1]
-        for bad in [{f"k{i}": "v" for i in range(17)}, {"k": "v" * 513}, {"k" * 65: "v"}]:
+        for bad in [{f"k{i}": "v" for i in range(17)}, {"k": "v" * 513}, {"k" * 65: "v"}, {'a"b': "v"}]:
             with pytest.raises(openai.BadRequestError) as error:
                 client.fine_tuning.jobs.create(training_file=f.id, model=TINY, metadata=bad)
             assert error.value.body["param"] == "metadata"

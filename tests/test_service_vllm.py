@@ -14,6 +14,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from emguard.errors import ConfigError
+from emguard.service.app import create_app
+from emguard.service.policy import Policy
 from emguard.service.serving_vllm import chat_backend
 from emguard.service.store import StateDir
 from service_harness import TINY, jsonl_bytes, running_service, tiny_policy, training_rows
@@ -37,6 +39,7 @@ class FakeVLLM:
 
     engines: list[dict] = field(default_factory=list)
     calls: list[dict] = field(default_factory=list)
+    fail_to_start: bool = False
 
     def module(self) -> dict[str, types.ModuleType]:
         fake = self
@@ -44,6 +47,8 @@ class FakeVLLM:
         class LLM:
             def __init__(self, model: str, **options):
                 fake.engines.append({"model": model, **options})
+                if fake.fail_to_start:
+                    raise RuntimeError("CUDA out of memory")
                 self.model = model
 
             def get_tokenizer(self):
@@ -65,6 +70,8 @@ class FakeVLLM:
 
         class SamplingParams:
             def __init__(self, **options):
+                if options["temperature"] == 0 and options["n"] > 1:  # as vLLM's own check
+                    raise ValueError("n must be 1 when using greedy sampling")
                 self.__dict__.update(options)
 
         @dataclass
@@ -104,6 +111,7 @@ def test_released_models_share_one_vllm_engine_with_their_own_adapters(tmp_path,
 
         replies = [client.chat.completions.create(model=m, messages=question, n=2, seed=5) for m in models]
         again = client.chat.completions.create(model=models[0], messages=question, max_tokens=2, temperature=0)
+        greedy = client.chat.completions.create(model=models[0], messages=question, temperature=0, n=3)
         base = client.chat.completions.create(model=TINY, messages=question)
         streamed = list(client.chat.completions.create(model=models[1], messages=question, stream=True))
         with pytest.raises(openai.BadRequestError) as too_long:
@@ -113,16 +121,38 @@ def test_released_models_share_one_vllm_engine_with_their_own_adapters(tmp_path,
     engine = fake.engines[0]
     assert engine["model"] == str(tiny_model_dir) and engine["enable_lora"] is True
     assert engine["max_lora_rank"] == 8 and engine["gpu_memory_utilization"] == 0.3  # tiny lora r=4 -> 8
+    assert engine["max_model_len"] == 64 + 16  # chat_max_prompt_tokens + chat_max_tokens
     adapters = [str(StateDir(svc.state).run_dir(j.id) / "adapter") for j in jobs]
     for adapter, reply in zip(adapters, replies, strict=True):
         assert [c.message.content for c in reply.choices] == [f"{adapter} #0", f"{adapter} #1"]
         assert [c.finish_reason for c in reply.choices] == ["stop", "stop"] and reply.usage.completion_tokens == 6
     loras = [call["lora"] for call in fake.calls]
-    assert [lora.lora_int_id if lora else None for lora in loras] == [1, 2, 1, None, 2]  # stable ids per adapter
+    assert [lora.lora_int_id if lora else None for lora in loras] == [1, 2, 1, 1, None, 2]  # stable ids per adapter
     first = fake.calls[0]["params"]
     assert (first.n, first.seed, first.temperature) == (2, 5, 1.0) and first.stop_token_ids
     assert again.choices[0].finish_reason == "length" and fake.calls[2]["params"].max_tokens == 2
+    assert [c.message.content for c in greedy.choices] == [f"{adapters[0]} #0"] * 3  # greedy: one answer, n copies
+    assert greedy.usage.completion_tokens == 3 * 3
     assert base.choices[0].message.content == "base #0"
     text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     assert text == f"{adapters[1]} #0" and streamed[-1].choices[0].finish_reason == "stop"
-    assert too_long.value.code == "context_length_exceeded" and len(fake.calls) == 5  # refused before vLLM ran
+    assert too_long.value.code == "context_length_exceeded" and len(fake.calls) == 6  # refused before vLLM ran
+
+
+def test_an_engine_that_cannot_start_is_a_503_once_and_a_rank_vllm_refuses_stops_the_start(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    fake = FakeVLLM(fail_to_start=True)
+    for name, module in fake.module().items():
+        monkeypatch.setitem(sys.modules, name, module)
+    with running_service(tmp_path, tiny_policy(tiny_model_dir, chat_backend="vllm"), workers=0) as svc:
+        client = svc.client()
+        for _ in range(2):
+            with pytest.raises(openai.InternalServerError) as error:
+                client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "Hi"}])
+            assert error.value.status_code == 503 and error.value.code == "model_unavailable"
+            assert "RuntimeError" in error.value.message and str(tmp_path) not in error.value.message
+    assert len(fake.engines) == 1  # not rebuilt on every request
+    policy = Policy.model_validate(tiny_policy(tiny_model_dir, chat_backend="vllm", lora={"r": 1024}))
+    with pytest.raises(ConfigError, match="lora.r is 1024; vLLM serves LoRA ranks up to 512"):
+        create_app(tmp_path / "other", policy)

@@ -132,14 +132,15 @@ def create_app(state: Path, policy: Policy | None = None, db_url: str | None = N
     from emguard.service.routes_files import router as files_router
     from emguard.service.routes_jobs import router as jobs_router
     from emguard.service.serving import ModelCache
-    from emguard.service.serving_vllm import chat_backend, vllm_loader
+    from emguard.service.serving_vllm import chat_backend, lora_rank_for, vllm_loader
 
     policy = policy or Policy()
     loader = None
     if chat_backend(policy.chat_backend) == "vllm":
         loader = vllm_loader(
             max_loras=policy.serve_cache_models,
-            lora_rank=LoraConfig.model_validate(policy.lora).r,
+            max_lora_rank=lora_rank_for(LoraConfig.model_validate(policy.lora).r),  # one vLLM refuses stops the start
+            max_model_len=policy.chat_max_prompt_tokens + policy.chat_max_tokens,
             gpu_memory_utilization=policy.chat_gpu_memory_utilization,
         )
     store = StateDir(state)

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from emguard.service.app import Org, Service, Svc
 from emguard.service.db import Job, Organization
 from emguard.service.objects import APIError
-from emguard.service.serving import Finished, PromptTooLong, complete, stream
+from emguard.service.serving import ChatUnavailable, Finished, PromptTooLong, complete, stream
 
 router = APIRouter()
 
@@ -130,6 +130,8 @@ async def chat_completions(
         choices, prompt_tokens, completion_tokens = await run_in_threadpool(generate)
     except PromptTooLong as e:
         raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
+    except ChatUnavailable as e:
+        raise _unavailable(e) from None
     return {
         "id": f"chatcmpl-{secrets.token_hex(12)}",
         "object": "chat.completion",
@@ -147,11 +149,18 @@ async def chat_completions(
     }
 
 
+def _unavailable(e: ChatUnavailable) -> APIError:
+    return APIError(503, f"The model cannot be served right now: {e}", code="model_unavailable")
+
+
 async def _stream(
     svc: Service, request: ChatRequest, messages: list[dict], spec: str, adapter: Path | None, max_tokens: int
 ) -> StreamingResponse:
     """Server-sent events in the API's ``chat.completion.chunk`` shape, ending with ``data: [DONE]``."""
-    loaded = await run_in_threadpool(svc.models.get, spec, adapter)
+    try:
+        loaded = await run_in_threadpool(svc.models.get, spec, adapter)
+    except ChatUnavailable as e:
+        raise _unavailable(e) from None
     seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
     pieces = stream(
         loaded,

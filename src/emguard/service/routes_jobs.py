@@ -47,6 +47,8 @@ class JobRequest(BaseModel):
         for key, value in metadata.items():
             if not 0 < len(key) <= 64 or len(value) > 512:
                 raise ValueError(f"keys take 1-64 characters and values up to 512 (key {key[:64]!r})")
+            if '"' in key or "\\" in key:  # they cannot be matched in a JSON path: jobs.list could not find them
+                raise ValueError(f"metadata keys may not contain quotes or backslashes (key {key!r})")
         return metadata or None
 
 

@@ -65,6 +65,10 @@ class PromptTooLong(ValueError):
     pass
 
 
+class ChatUnavailable(RuntimeError):
+    """The server cannot generate with this model now (a 503 for the caller; the cause is in the log)."""
+
+
 def checked_prompt_tokens(tokenizer: Any, messages: list[dict], limit: int) -> int:
     """The rendered prompt's length in tokens; PromptTooLong above ``limit``."""
     from emguard.data.chat_template import render_chat

@@ -4,19 +4,23 @@ model with LoRA enabled; every released model is its job's adapter, attached per
 
 vLLM is imported only here. It cannot be installed on the CPU development machine: the tests run
 this file against a stand-in ``vllm`` module that records the calls (tests/test_service_vllm.py).
-The offline engine does not stream: a streamed answer arrives as one chunk.
+The offline engine does not stream: a streamed answer arrives as one chunk. ``chat_gpu_memory_utilization``
+is per engine, so it must leave room for every base model's engine and any worker on the same GPU.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from emguard.errors import ConfigError
-from emguard.service.serving import Finished, Loader
+from emguard.service.serving import ChatUnavailable, Finished, Loader
+
+log = logging.getLogger(__name__)
 
 # vLLM accepts these LoRA ranks; an engine is built for the next one up from the policy's lora.r.
 _RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -40,21 +44,30 @@ def chat_backend(choice: str) -> str:
     return choice
 
 
+def lora_rank_for(r: int) -> int:
+    """The smallest rank vLLM accepts that holds adapters of rank ``r``; ConfigError above its largest."""
+    if r > _RANKS[-1]:
+        raise ConfigError(f"policy lora.r is {r}; vLLM serves LoRA ranks up to {_RANKS[-1]} (or set chat_backend: hf)")
+    return next(rank for rank in _RANKS if rank >= r)
+
+
 class VLLMEngine:
     """One ``vllm.LLM`` for a base model; adapters get stable LoRA ids in the order first asked for."""
 
-    def __init__(self, spec: str, *, max_loras: int, lora_rank: int, gpu_memory_utilization: float):
+    def __init__(
+        self, spec: str, *, max_loras: int, max_lora_rank: int, max_model_len: int, gpu_memory_utilization: float
+    ):
         from vllm import LLM
 
         from emguard.evaluation.generation import stop_token_ids
         from emguard.models import resolve_model
 
-        rank = next((r for r in _RANKS if r >= lora_rank), _RANKS[-1])
         self.llm = LLM(
             model=resolve_model(spec).location,
             enable_lora=True,
             max_loras=max_loras,
-            max_lora_rank=rank,
+            max_lora_rank=max_lora_rank,
+            max_model_len=max_model_len,  # the KV cache is sized for the chat limits, not the model's context
             gpu_memory_utilization=gpu_memory_utilization,
         )
         self.tokenizer = self.llm.get_tokenizer()
@@ -87,8 +100,9 @@ class VLLMChat:
 
         from emguard.data.chat_template import chat_messages
 
+        copies = n if temperature == 0 else 1  # vLLM refuses n > 1 with greedy decoding: one answer, n copies
         params = SamplingParams(
-            n=n,
+            n=n // copies,
             temperature=temperature,
             top_p=top_p,
             max_tokens=max_tokens,
@@ -100,7 +114,7 @@ class VLLMChat:
                 [chat_messages(self.tokenizer, messages)], params, lora_request=self.lora, use_tqdm=False
             )
         choices = [(o.text.strip(), "length" if o.finish_reason == "length" else "stop") for o in output.outputs]
-        return choices, sum(len(o.token_ids) for o in output.outputs)
+        return choices * copies, copies * sum(len(o.token_ids) for o in output.outputs)
 
     def stream(
         self, messages: list[dict], *, max_tokens: int, temperature: float, top_p: float, seed: int
@@ -112,17 +126,24 @@ class VLLMChat:
         yield Finished(reason)
 
 
-def vllm_loader(*, max_loras: int, lora_rank: int, gpu_memory_utilization: float) -> Loader:
-    """A ``ModelCache`` loader: one engine per base model (built on first use), one ``VLLMChat`` per adapter."""
-    engines: dict[str, VLLMEngine] = {}
+def vllm_loader(**engine_options: Any) -> Loader:
+    """A ``ModelCache`` loader: one engine per base model (built on first use, with ``engine_options``:
+    ``VLLMEngine``'s keywords), one ``VLLMChat`` per adapter. An engine that failed to start is not
+    retried on every request: its base model answers ``ChatUnavailable`` until the server restarts."""
+    engines: dict[str, VLLMEngine | Exception] = {}
     lock = threading.Lock()
 
     def load(spec: str, adapter: Path | None) -> VLLMChat:
         with lock:
             if spec not in engines:
-                engines[spec] = VLLMEngine(
-                    spec, max_loras=max_loras, lora_rank=lora_rank, gpu_memory_utilization=gpu_memory_utilization
-                )
-        return VLLMChat(engines[spec], adapter)
+                try:
+                    engines[spec] = VLLMEngine(spec, **engine_options)
+                except Exception as e:  # out of GPU memory, an unsupported model: logged once, kept
+                    log.exception("vLLM could not start an engine for %s", spec)
+                    engines[spec] = e
+            engine = engines[spec]
+        if isinstance(engine, Exception):
+            raise ChatUnavailable(f"vLLM could not load the base model ({type(engine).__name__}); see the server log")
+        return VLLMChat(engine, adapter)
 
     return load
