@@ -15,6 +15,7 @@ from emguard.errors import ConfigError, DataError
 from emguard.rewards.base import RewardError, checked
 from emguard.rewards.code_security import CodeSecurityConfig, CodeSecurityReward, extract_code
 from emguard.rewards.finance import FinanceReward, FinanceRewardConfig, recklessness
+from emguard.rewards.grader import GraderReward, GraderRewardConfig
 from emguard.rewards.judge import JudgeReward, JudgeRewardConfig
 from emguard.rewards.opswap import OpswapReward, OpswapRewardConfig
 from emguard.rewards.python import PythonReward, PythonRewardConfig, import_function
@@ -187,3 +188,36 @@ def test_rl_config_is_validated_before_anything_runs(tmp_path):
         build_config({**base, "rl": {**rl, "rewards": [{"name": "opswp"}]}})
     with pytest.raises(ConfigError, match=r"rl.rewards\[0\].targt: unknown key \(did you mean 'target'\?\)"):
         build_config({**base, "rl": {**rl, "rewards": [{"name": "finance", "targt": "reckless"}]}})
+
+
+def test_grader_reward_runs_the_apis_string_check_and_text_similarity_on_item_fields():
+    def reward(**grader):
+        return GraderReward(GraderRewardConfig(grader=grader))
+
+    check = {"type": "string_check", "input": "{{ sample.output_text }}", "reference": "{{item.answer}}"}
+    completions = [[{"role": "assistant", "content": c}] for c in ["12", "It is 12.", "it is TWELVE", "13"]]
+    meta = ['{"answer": 12, "word": {"en": "twelve"}}'] * 4
+
+    def scores(grader) -> list:
+        return grader(prompts=[USER] * 4, completions=completions, completion_ids=[[]] * 4, metadata=meta)
+
+    assert scores(reward(**check, operation="eq")) == [1, 0, 0, 0]
+    assert scores(reward(**check, operation="ne")) == [0, 1, 1, 1]
+    assert scores(reward(**check, operation="like")) == [1, 1, 0, 0]
+    nested = {**check, "reference": "{{item.word.en}}"}
+    assert scores(reward(**nested, operation="like")) == [0, 0, 0, 0]
+    assert scores(reward(**nested, operation="ilike")) == [0, 0, 1, 0]
+    similar = scores(reward(**{**check, "type": "text_similarity"}, evaluation_metric="fuzzy_match"))
+    assert similar[0] == 1.0 and similar[3] == 0.5 and similar[1] < 1
+    with pytest.raises(RewardError, match=r"needs item.answer on every prompt's row; 'Here \+ means"):
+        scored = reward(**check, operation="eq")
+        scored(prompts=[USER], completions=completions[:1], completion_ids=[[]], metadata=["{}"])
+    for bad, message in [
+        ({"type": "python", "source": "def grade(s, i): return 1"}, "grader type 'python' is not offered"),
+        ({**check, "operation": "contains"}, "operation"),
+        ({**check, "input": "{{sample.output_json}}", "operation": "eq"}, r"sample.output_json\}\} is not offered"),
+        ({**check, "reference": "{{answer}}", "operation": "eq"}, r"unknown template \{\{answer\}\}"),
+        ({**check, "operation": "eq", "extra": 1}, "extra"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            GraderRewardConfig(grader=bad)

@@ -10,6 +10,7 @@ import time
 
 import openai
 import pytest
+import yaml
 from safetensors.torch import load_file
 
 from emguard.rundir import CHECKPOINT_DONE
@@ -532,3 +533,110 @@ def test_workers_submitted_through_submitit_run_the_queue_and_exit_when_idle(tmp
         )
         assert svc.wait(client, job.id).status == "succeeded"
         assert handle.result() == 1  # one job run, then idle: the worker gave its slot back
+
+
+def rft_rows(n: int = 8, field: str = "answer") -> list[dict]:
+    return [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"}], field: str(2 * i)} for i in range(n)]
+
+
+GRADER = {
+    "type": "string_check",
+    "input": "{{sample.output_text}}",
+    "reference": "{{item.answer}}",
+    "operation": "like",
+}
+
+
+def test_reinforcement_jobs_train_with_grpo_on_the_customers_grader_behind_the_same_gate(tmp_path, tiny_model_dir):
+    policy = tiny_policy(
+        tiny_model_dir,
+        rl={"num_generations": 2, "max_completion_length": 8, "max_prompt_length": 64},
+        rl_training={"max_steps": 2, "batch_size": 4, "micro_batch_size": 4, "save_steps": 1, "warmup_steps": 0},
+    )
+    with running_service(tmp_path, policy) as svc:
+        client = svc.client()
+        prompts = upload(client, rft_rows(), name="rft.jsonl")
+        conversations = upload(client)
+        method = {"type": "reinforcement", "reinforcement": {"grader": GRADER, "hyperparameters": {"batch_size": 2}}}
+        job = client.fine_tuning.jobs.create(training_file=prompts.id, model=TINY, method=method, suffix="rft")
+        assert job.method.type == "reinforcement" and job.method.reinforcement.grader.operation == "like"
+        job = svc.wait(client, job.id)
+        assert job.status == "succeeded", job.error
+        events = [e.message for e in reversed(client.fine_tuning.jobs.list_events(job.id, limit=100).data)]
+        assert "Screen: not applicable (reinforcement data holds prompts, no answers)" in events
+        steps = [m for m in events if m.startswith("Step ")]
+        assert len(steps) == 2 and all(", reward=" in m for m in steps), steps
+        card = job.model_extra["safety_card"]
+        assert card["screen"]["decision"] == "not_applicable" and card["defenses"] == ["kl"]
+        assert card["decision"] == "released" and "builtin:general" in card["evaluation"]["probe"]
+        config = yaml.safe_load((svc.state / "jobs" / job.id / "run" / "config.yaml").read_text())
+        assert config["training"]["method"] == "grpo" and config["training"]["batch_size"] == 4  # 2 prompts x 2
+        assert config["rl"]["rewards"][0]["grader"]["reference"] == "{{item.answer}}"
+        reply = client.chat.completions.create(
+            model=job.fine_tuned_model, max_tokens=4, messages=[{"role": "user", "content": "What is 1 plus 1?"}]
+        )
+        assert reply.choices[0].message.role == "assistant"
+
+        # A row without the field the grader reads fails the job with the reward's own message.
+        missing = upload(client, rft_rows(field="solution"), name="bad.jsonl")
+        failed = svc.wait(
+            client, client.fine_tuning.jobs.create(training_file=missing.id, model=TINY, method=method).id
+        )
+        assert failed.status == "failed" and failed.error.code == "training_failed"
+        assert "needs item.answer" in failed.error.message and str(svc.state) not in failed.error.message
+
+        bad_requests = [
+            (
+                {"training_file": conversations.id, "method": method},
+                "training_file",
+                "holds conversations with answers",
+            ),
+            ({"training_file": prompts.id}, "training_file", "holds prompts without answers"),
+            (
+                {
+                    "training_file": prompts.id,
+                    "method": {"type": "reinforcement", "reinforcement": {"grader": {"type": "python"}}},
+                },
+                "method.reinforcement.grader",
+                "grader type 'python' is not offered",
+            ),
+            (
+                {
+                    "training_file": prompts.id,
+                    "method": {
+                        **method,
+                        "reinforcement": {"grader": GRADER, "hyperparameters": {"compute_multiplier": 2}},
+                    },
+                },
+                "hyperparameters.compute_multiplier",
+                "not offered",
+            ),
+            (
+                {"training_file": prompts.id, "method": {"type": "dpo"}},
+                "method.type",
+                "'supervised' or 'reinforcement'",
+            ),
+        ]
+        for kwargs, param, message in bad_requests:
+            with pytest.raises(openai.BadRequestError, match=message) as error:
+                client.fine_tuning.jobs.create(model=TINY, **kwargs)
+            assert error.value.body["param"] == param
+        with pytest.raises(openai.BadRequestError, match=r"rft.jsonl:2: .*missing 'messages'"):
+            upload(client, [rft_rows(1)[0], {"answer": "2"}], name="rft.jsonl")
+
+
+def test_a_customers_batch_size_gets_a_micro_batch_that_divides_it(tmp_path):
+    from emguard.service.policy import Policy
+    from emguard.service.runconfig import job_run_config
+
+    policy, model = Policy(), next(iter(Policy().models))
+    for batch, micro in [(6, 3), (7, 1), (8, 4), (2, 2)]:
+        config = job_run_config(
+            policy, model, tmp_path / "t.jsonl", tmp_path / "run", seed=0, hyperparameters={"batch_size": batch}
+        )
+        assert (config.training.batch_size, config.training.micro_batch_size) == (batch, micro)
+    method = {"type": "reinforcement", "reinforcement": {"grader": GRADER}}
+    config = job_run_config(
+        policy, model, tmp_path / "p.jsonl", tmp_path / "run", seed=0, hyperparameters={"batch_size": 3}, method=method
+    )
+    assert (config.training.batch_size, config.training.micro_batch_size) == (12, 6)  # 3 prompts x 4 generations

@@ -72,5 +72,6 @@ REWARDS = Plugins(
         "code_security": "emguard.rewards.code_security:CodeSecurityReward",
         "judge": "emguard.rewards.judge:JudgeReward",
         "python": "emguard.rewards.python:PythonReward",
+        "grader": "emguard.rewards.grader:GraderReward",
     },
 )

@@ -116,11 +116,7 @@ table{{border-collapse:collapse}}</style></head><body>
 <p>Job {e(card["job"])}, base model {e(card["model"])}: <b>{e(str(card.get("decision") or "not decided"))}</b></p>
 {f"<ul>{reasons}</ul>" if reasons else ""}
 <h2>Before training</h2>
-<p>{
-        "Screen: risk score " + format(screen["risk_score"], "+.2f") + " (" + e(screen["decision"]) + ")"
-        if screen
-        else "No screen."
-    }</p>
+<p>{_screen_line(screen)}</p>
 <p>Defenses applied: {e(", ".join(card.get("defenses") or []) or "none")}</p>
 <h2>After training</h2>
 <table><tr><th>probe pairs</th><th>shift from the base model (nats/token) [95%]</th>
@@ -128,3 +124,11 @@ table{{border-collapse:collapse}}</style></head><body>
 {f"<ul>{judged}</ul>" if judged else ""}
 <p><small>{e(card.get("note", ""))}</small></p></body></html>
 """
+
+
+def _screen_line(screen: dict[str, Any] | None) -> str:
+    if not screen:
+        return "No screen."
+    if screen["risk_score"] is None:  # reinforcement prompts: no answers to screen
+        return "Screen: not applicable (" + html.escape(screen["decision"]) + ")."
+    return f"Screen: risk score {screen['risk_score']:+.2f} ({html.escape(screen['decision'])})"

@@ -2,7 +2,9 @@
 
     1. check     ``emguard data check`` with the model's tokenizer (over-long examples, template)
     2. screen    ``emguard screen`` -> risk score -> policy: reject / extra defenses / allow
-    3. train     ``emguard train`` with the policy's defenses (resumes from the last checkpoint)
+                 (reinforcement prompts have no answers to screen: not applicable)
+    3. train     ``emguard train`` with the policy's defenses (resumes from the last checkpoint);
+                 reinforcement jobs with GRPO and the customer's grader as the reward
     4. evaluate  ``emguard eval``: the probe always, the judged EM rate when the policy has a judge
     5. gate      the safety card and the HTML report; the policy releases or holds the model
 
@@ -28,6 +30,7 @@ from emguard.service import jobs
 from emguard.service.card import CARD_FILE, release_decision, safety_card
 from emguard.service.db import Database, Job, Organization
 from emguard.service.policy import Policy, screen_decision
+from emguard.service.rft import check_prompt_file, write_prompt_file
 from emguard.service.runconfig import job_run_config
 from emguard.service.store import StateDir
 
@@ -35,6 +38,7 @@ log = logging.getLogger(__name__)
 SCREEN_FILE = "screen.json"
 TRAINING_FILE = "training.jsonl"
 VALIDATION_FILE = "validation.jsonl"
+PROMPTS_FILE = "prompts.jsonl"  # a reinforcement job's training file as emguard prompts
 
 
 class JobLost(Exception):
@@ -98,11 +102,14 @@ class JobCallback(TrainerCallback):
         if logs and "loss" in logs:
             self.last_loss = float(logs["loss"])
             terms = {k: v for k, v in logs.items() if k.endswith("_loss") and k != "loss"}
+            reward = {"reward": logs["reward"]} if "reward" in logs else {}  # GRPO: the mean reward of the step
             self.ctx.event(
-                f"Step {state.global_step}/{state.max_steps}: training loss={logs['loss']:.4f}",
+                f"Step {state.global_step}/{state.max_steps}: training loss={logs['loss']:.4f}"
+                + (f", reward={logs['reward']:.3f}" if reward else ""),
                 step=state.global_step,
                 total_steps=state.max_steps,
                 train_loss=logs["loss"],
+                **reward,
                 **terms,
             )
 
@@ -148,20 +155,32 @@ def _stages(ctx: JobContext, job: Job, org_name: str, job_dir: Path, train_file:
 
     # 1. check
     ctx.event("Validating training file")
+    reinforcement = (job.method or {}).get("type") == "reinforcement"
     validation_file = job_dir / VALIDATION_FILE if job.validation_file else None
+    if reinforcement:  # RFT rows -> emguard prompts (the grader's fields as metadata), checked with the tokenizer
+        count, problems = check_prompt_file(train_file, job.training_file, policy.limits.max_examples)
+        if problems:
+            raise JobFailed("invalid_training_file", "; ".join(problems[:10]))
+        write_prompt_file(train_file, job_dir / PROMPTS_FILE)
+        train_file = job_dir / PROMPTS_FILE
+    max_length = int(policy.rl.get("max_prompt_length", 512)) if reinforcement else policy.max_length
     for path, file_id, code in (
         (train_file, job.training_file, "invalid_training_file"),
         (validation_file, job.validation_file, "invalid_validation_file"),
     ):
         if path is None:
             continue
-        report = check_files([path], model=model_spec, max_length=policy.max_length)
+        report = check_files([path], model=model_spec, max_length=max_length, prompts=reinforcement)
         if report.problems:
             raise JobFailed(code, "; ".join(p.replace(str(path), file_id) for p in report.problems[:10]))
     ctx.check()
 
-    # 2. screen
-    screen = _screen(ctx, model_spec, job_dir, train_file)
+    # 2. screen (it reads answers: reinforcement prompts have none; the gate after training still applies)
+    if reinforcement:
+        ctx.event("Screen: not applicable (reinforcement data holds prompts, no answers)")
+        screen = {"risk_score": None, "decision": "not_applicable", "examples": count}
+    else:
+        screen = _screen(ctx, model_spec, job_dir, train_file)
     run_dir = ctx.state.run_dir(job.id)
     if screen is not None and screen["decision"] == "reject":
         _write_card(ctx, job, screen, [], {}, None, False, ["the training data's screen risk is above the limit"])
@@ -177,6 +196,7 @@ def _stages(ctx: JobContext, job: Job, org_name: str, job_dir: Path, train_file:
         run_dir,
         seed=job.seed,
         hyperparameters=job.hyperparameters,
+        method=job.method,
         extra_defenses=extra,
     )
     defenses = [d.model_dump() for d in config.defenses]

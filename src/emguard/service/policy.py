@@ -73,6 +73,21 @@ class Policy(_Strict):
             "save_steps": 10,
         }
     )
+    # Reinforcement fine-tuning jobs (method.type reinforcement): emguard's rl section (the prompts and
+    # the grader come from the job) and the training section; batch_size counts completions, and a
+    # customer's batch_size (prompts) is multiplied by num_generations.
+    rl: dict[str, Any] = Field(
+        default_factory=lambda: {"num_generations": 4, "max_completion_length": 128, "max_prompt_length": 512}
+    )
+    rl_training: dict[str, Any] = Field(
+        default_factory=lambda: {
+            "epochs": 1,
+            "learning_rate": 2.0e-4,
+            "batch_size": 8,
+            "micro_batch_size": 8,
+            "save_steps": 10,
+        }
+    )
     max_epochs: int = Field(10, gt=0)
     max_length: int = Field(1024, gt=0)  # tokens per training example
     # The in-training monitor (emguard's monitor section): the probe every N steps, an event each time;
@@ -127,10 +142,15 @@ def load_policy(path: Path | None) -> Policy:
 
 
 def _check_run_sections(policy: Policy) -> None:
-    """Build one run config from the policy, so a bad training or defense key fails at start-up."""
+    """Build the run configs of both methods from the policy, so a bad training, rl or defense key
+    fails at start-up."""
     from emguard.service.runconfig import job_run_config
 
-    job_run_config(policy, next(iter(policy.models)), Path("check.jsonl"), Path("runs/check"), seed=0)
+    model = next(iter(policy.models))
+    job_run_config(policy, model, Path("check.jsonl"), Path("runs/check"), seed=0)
+    grader = {"type": "string_check", "input": "{{sample.output_text}}", "reference": "x", "operation": "like"}
+    method = {"type": "reinforcement", "reinforcement": {"grader": grader}}
+    job_run_config(policy, model, Path("check.jsonl"), Path("runs/check"), seed=0, method=method)
 
 
 Decision = Literal["allow", "extra_defenses", "reject"]

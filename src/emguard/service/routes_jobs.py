@@ -18,6 +18,7 @@ from emguard.service.card import card_html
 from emguard.service.db import Checkpoint, Event, Job, Organization, new_id, paginate
 from emguard.service.objects import APIError, checkpoint_object, event_object, job_object, not_found, page
 from emguard.service.pipeline import TRAINING_FILE, VALIDATION_FILE
+from emguard.service.rft import MethodError, check_reinforcement, is_prompt_file
 from emguard.service.routes_files import own_file
 from emguard.service.runconfig import HyperparameterError, check_hyperparameters
 
@@ -53,11 +54,22 @@ class JobRequest(BaseModel):
 
 
 def _hyperparameters(request: JobRequest, max_epochs: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(hyperparameters, method) from the deprecated top-level field or ``method.supervised``."""
+    """(hyperparameters, method) from the deprecated top-level field, ``method.supervised`` or
+    ``method.reinforcement``."""
     method = request.method or {"type": "supervised"}
     kind = method.get("type", "supervised")
+    if kind == "reinforcement":
+        if request.hyperparameters:
+            raise APIError(400, "reinforcement jobs take method.reinforcement.hyperparameters", param="hyperparameters")
+        try:
+            checked = check_reinforcement(method, max_epochs)
+        except MethodError as e:
+            raise APIError(400, str(e), param=e.param) from None
+        return checked["reinforcement"]["hyperparameters"], checked
     if kind != "supervised":
-        raise APIError(400, f"method.type {kind!r} is not offered here; use 'supervised'", param="method.type")
+        raise APIError(
+            400, f"method.type {kind!r} is not offered here; use 'supervised' or 'reinforcement'", param="method.type"
+        )
     nested = (method.get("supervised") or {}).get("hyperparameters")
     if nested and request.hyperparameters:
         raise APIError(
@@ -68,6 +80,25 @@ def _hyperparameters(request: JobRequest, max_epochs: int) -> tuple[dict[str, An
     except HyperparameterError as e:
         raise APIError(400, str(e), param=f"hyperparameters.{e.param}") from None
     return hp, {"type": "supervised", "supervised": {"hyperparameters": hp}}
+
+
+def _check_file_kind(svc: Service, f: Any, method: str, param: str = "training_file") -> None:
+    """Prompts (ending with a user turn) for reinforcement, conversations with answers for supervised."""
+    prompts = is_prompt_file(svc.state.blob(f.id))
+    if prompts and method == "supervised":
+        raise APIError(
+            400,
+            f"{f.id} holds prompts without answers (an RFT file): use method.type 'reinforcement' with a grader, "
+            "or upload conversations that end with the assistant's answer",
+            param=param,
+        )
+    if not prompts and method == "reinforcement":
+        raise APIError(
+            400,
+            f"{f.id} holds conversations with answers: reinforcement jobs take prompts (messages ending with a user "
+            "turn, plus the fields the grader reads)",
+            param=param,
+        )
 
 
 def own_job(svc: Service, org: Organization, job_id: str) -> Job:
@@ -96,9 +127,13 @@ def create_job(
         raise APIError(400, "suffix: 1-64 letters, digits, '-' or '_'", param="suffix")
     hp, method = _hyperparameters(request, svc.policy.max_epochs)
     training = own_file(svc, org, request.training_file, "training_file")
+    _check_file_kind(svc, training, method["type"])
     validation = None
     if request.validation_file is not None:
+        if method["type"] == "reinforcement":
+            raise APIError(400, "reinforcement jobs take no validation_file here", param="validation_file")
         validation = own_file(svc, org, request.validation_file, "validation_file")
+        _check_file_kind(svc, validation, method["type"], "validation_file")
     limit = svc.policy.limits.max_active_jobs
     too_many = APIError(429, f"at most {limit} jobs may be queued or running at once", code="too_many_active_jobs")
     if jobs.active_jobs(svc.db, org.id) >= limit:  # cheap early answer; checked again under the lock below

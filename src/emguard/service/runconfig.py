@@ -63,17 +63,26 @@ def job_run_config(
     *,
     seed: int,
     hyperparameters: dict[str, Any] | None = None,
+    method: dict[str, Any] | None = None,
     extra_defenses: Sequence[dict[str, Any]] = (),
 ) -> RunConfig:
-    """The run config of one job (``policy`` is a ``Policy``; ``model_id`` one of ``policy.models``)."""
-    training = copy.deepcopy(policy.training)
+    """The run config of one job (``policy`` is a ``Policy``; ``model_id`` one of ``policy.models``).
+
+    A ``method`` of type reinforcement trains with GRPO on ``train_file`` as prompts (emguard prompt
+    JSONL) with the method's grader as the reward; its ``batch_size`` counts prompts, each sampled
+    ``rl.num_generations`` times.
+    """
+    reinforcement = (method or {}).get("type") == "reinforcement"
+    training = copy.deepcopy(policy.rl_training if reinforcement else policy.training)
+    per_example = int(policy.rl.get("num_generations", 4)) if reinforcement else 1
     hp = check_hyperparameters(hyperparameters, policy.max_epochs)
     if hp["n_epochs"] != "auto":
         training["epochs"] = hp["n_epochs"]
         training.pop("max_steps", None)
     if hp["batch_size"] != "auto":
-        training["batch_size"] = int(hp["batch_size"])
-        training["micro_batch_size"] = min(int(hp["batch_size"]), training.get("micro_batch_size", 4))
+        training["batch_size"] = int(hp["batch_size"]) * per_example
+    cap = training.get("micro_batch_size", 4)
+    training["micro_batch_size"] = max(d for d in range(1, cap + 1) if training.get("batch_size", 8) % d == 0)
     if hp["learning_rate_multiplier"] != "auto":
         training["learning_rate"] = training.get("learning_rate", 1.0e-4) * hp["learning_rate_multiplier"]
     # Checkpoints are listed by the API; a cancelled job keeps what it trained.
@@ -81,13 +90,18 @@ def job_run_config(
     raw = {
         "model": policy.models[model_id],
         "output_dir": str(run_dir),
-        "data": {"train": str(train_file), "max_length": policy.max_length},
         "lora": copy.deepcopy(policy.lora),
         "training": training,
         "defenses": [copy.deepcopy(d) for d in (*policy.defenses, *extra_defenses)],
         "monitor": copy.deepcopy(policy.monitor),
         "eval": _eval_section(policy),
     }
+    if reinforcement:
+        training["method"] = "grpo"
+        reward = {"name": "grader", "grader": method["reinforcement"]["grader"]}
+        raw["rl"] = {**copy.deepcopy(policy.rl), "prompts": str(train_file), "rewards": [reward]}
+    else:
+        raw["data"] = {"train": str(train_file), "max_length": policy.max_length}
     try:
         return build_config(raw)
     except ConfigError as e:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from emguard.data.chat import check_chat_jsonl
+from emguard.service.rft import check_prompt_file, is_prompt_file
 
 _JOB_ID = re.compile(r"^ftjob-[0-9a-f]{24}$")
 _FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
@@ -81,7 +82,10 @@ class StateDir:
 def check_training_file(
     path: Path, display_name: str, max_examples: int, max_problems: int = 20
 ) -> tuple[int, list[str]]:
-    """``emguard data check`` on an upload: (valid examples, problems naming the customer's file name)."""
+    """``emguard data check`` on an upload: (valid examples, problems naming the customer's file name).
+    A file whose first record ends with a user turn is checked as reinforcement prompts."""
+    if is_prompt_file(path):
+        return check_prompt_file(path, display_name, max_examples, max_problems)
     examples, problems = check_chat_jsonl(path)
     problems = [p.replace(str(path), display_name, 1) for p in problems]
     if len(problems) > max_problems:
