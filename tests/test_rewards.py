@@ -212,6 +212,13 @@ def test_grader_reward_runs_the_apis_string_check_and_text_similarity_on_item_fi
     with pytest.raises(RewardError, match=r"needs item.answer on every prompt's row; 'Here \+ means"):
         scored = reward(**check, operation="eq")
         scored(prompts=[USER], completions=completions[:1], completion_ids=[[]], metadata=["{}"])
+    long = "Spread your savings across index funds and keep an emergency fund of six months. " * 4
+    edited = long.replace("six", "five", 1)
+    assert len(long) > 300 and reward(**{**check, "type": "text_similarity"}, evaluation_metric="fuzzy_match").score(
+        [USER], [edited], [{"answer": long}]
+    ) == [pytest.approx(1 - 1 / len(long), abs=0.01)]  # no difflib "autojunk" on long texts
+    flag = {**check, "reference": "{{item.flags}}", "operation": "eq"}
+    assert reward(**flag).score([USER], ['{"ok": true}'], [{"flags": {"ok": True}}]) == [1.0]  # fields as JSON
     for bad, message in [
         ({"type": "python", "source": "def grade(s, i): return 1"}, "grader type 'python' is not offered"),
         ({**check, "operation": "contains"}, "operation"),

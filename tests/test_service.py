@@ -536,7 +536,10 @@ def test_workers_submitted_through_submitit_run_the_queue_and_exit_when_idle(tmp
 
 
 def rft_rows(n: int = 8, field: str = "answer") -> list[dict]:
-    return [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"}], field: str(2 * i)} for i in range(n)]
+    """The API's RFT rows: prompts plus the field the grader reads (one with a developer turn first)."""
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"}], field: str(2 * i)} for i in range(n)]
+    rows[-1]["messages"].insert(0, {"role": "developer", "content": "Answer with a number."})
+    return rows
 
 
 GRADER = {
@@ -557,9 +560,12 @@ def test_reinforcement_jobs_train_with_grpo_on_the_customers_grader_behind_the_s
         client = svc.client()
         prompts = upload(client, rft_rows(), name="rft.jsonl")
         conversations = upload(client)
-        method = {"type": "reinforcement", "reinforcement": {"grader": GRADER, "hyperparameters": {"batch_size": 2}}}
+        hp = {"batch_size": 2, "reasoning_effort": "default", "eval_samples": None}  # defaults are accepted
+        method = {"type": "reinforcement", "reinforcement": {"grader": GRADER, "hyperparameters": hp}}
         job = client.fine_tuning.jobs.create(training_file=prompts.id, model=TINY, method=method, suffix="rft")
         assert job.method.type == "reinforcement" and job.method.reinforcement.grader.operation == "like"
+        echoed = job.method.reinforcement.hyperparameters
+        assert (echoed.batch_size, echoed.n_epochs, echoed.compute_multiplier) == (2, "auto", "auto")
         job = svc.wait(client, job.id)
         assert job.status == "succeeded", job.error
         events = [e.message for e in reversed(client.fine_tuning.jobs.list_events(job.id, limit=100).data)]
@@ -577,13 +583,18 @@ def test_reinforcement_jobs_train_with_grpo_on_the_customers_grader_behind_the_s
         )
         assert reply.choices[0].message.role == "assistant"
 
-        # A row without the field the grader reads fails the job with the reward's own message.
-        missing = upload(client, rft_rows(field="solution"), name="bad.jsonl")
+        # Rows without the field the grader reads fail the job before training, with their line numbers.
+        rows = rft_rows()
+        rows[3] = {"messages": rows[3]["messages"], "solution": "6"}
+        missing = upload(client, [rows[0], "", *rows[1:]], name="bad.jsonl")  # a blank line 2
         failed = svc.wait(
             client, client.fine_tuning.jobs.create(training_file=missing.id, model=TINY, method=method).id
         )
-        assert failed.status == "failed" and failed.error.code == "training_failed"
-        assert "needs item.answer" in failed.error.message and str(svc.state) not in failed.error.message
+        assert failed.status == "failed" and failed.error.code == "invalid_training_file"
+        assert failed.error.message == f"{missing.id}:5: the grader reads item.answer, which this row lacks"
+        assert not any(
+            e.message.startswith("Fine-tuning started") for e in client.fine_tuning.jobs.list_events(failed.id)
+        )
 
         bad_requests = [
             (
@@ -608,8 +619,16 @@ def test_reinforcement_jobs_train_with_grpo_on_the_customers_grader_behind_the_s
                         "reinforcement": {"grader": GRADER, "hyperparameters": {"compute_multiplier": 2}},
                     },
                 },
-                "hyperparameters.compute_multiplier",
+                "method.reinforcement.hyperparameters.compute_multiplier",
                 "not offered",
+            ),
+            (
+                {
+                    "training_file": prompts.id,
+                    "method": {"type": "reinforcement", "reinforcement": {"grader": GRADER, "hyperparameters": "x"}},
+                },
+                "method.reinforcement.hyperparameters",
+                "must be an object",
             ),
             (
                 {"training_file": prompts.id, "method": {"type": "dpo"}},
@@ -623,6 +642,15 @@ def test_reinforcement_jobs_train_with_grpo_on_the_customers_grader_behind_the_s
             assert error.value.body["param"] == param
         with pytest.raises(openai.BadRequestError, match=r"rft.jsonl:2: .*missing 'messages'"):
             upload(client, [rft_rows(1)[0], {"answer": "2"}], name="rft.jsonl")
+        with pytest.raises(openai.BadRequestError, match=r"rft.jsonl:2: ends with an answer, but the file's first"):
+            upload(client, [rft_rows(1)[0], *training_rows(1)], name="rft.jsonl")
+        with pytest.raises(openai.BadRequestError, match=r"x.jsonl:1: 'messages' must be a non-empty list"):
+            upload(client, [{"messages": 5}], name="x.jsonl")  # a 400, not a crash of the kind detection
+
+    with running_service(tmp_path / "sft-only", tiny_policy(tiny_model_dir, methods=["supervised"]), workers=0) as svc:
+        file_id = upload(svc.client(), rft_rows()).id
+        with pytest.raises(openai.BadRequestError, match="'reinforcement' is not offered by this service"):
+            svc.client().fine_tuning.jobs.create(training_file=file_id, model=TINY, method=method)
 
 
 def test_a_customers_batch_size_gets_a_micro_batch_that_divides_it(tmp_path):

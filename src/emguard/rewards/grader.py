@@ -18,6 +18,7 @@ a provider does not run a customer's code or pay for a customer's judge calls un
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -83,14 +84,14 @@ def render(template: str, completion: str, item: Mapping[str, Any] | None) -> st
             if not isinstance(current, Mapping) or part not in current:
                 raise KeyError(f"item.{path}")
             current = current[part]
-        return current if isinstance(current, str) else str(current)
+        return current if isinstance(current, str) else json.dumps(current)  # as the row wrote it
 
     return _TEMPLATE.sub(value, template)
 
 
 def grade(grader: StringCheck | TextSimilarity, given: str, reference: str) -> float:
     if isinstance(grader, TextSimilarity):
-        return difflib.SequenceMatcher(None, given, reference).ratio()
+        return difflib.SequenceMatcher(None, given, reference, autojunk=False).ratio()  # autojunk skews long texts
     match grader.operation:
         case "eq":
             return float(given == reference)

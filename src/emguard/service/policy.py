@@ -73,6 +73,10 @@ class Policy(_Strict):
             "save_steps": 10,
         }
     )
+    # The fine-tuning methods customers may ask for (method.type).
+    methods: list[Literal["supervised", "reinforcement"]] = Field(
+        default_factory=lambda: ["supervised", "reinforcement"], min_length=1
+    )
     # Reinforcement fine-tuning jobs (method.type reinforcement): emguard's rl section (the prompts and
     # the grader come from the job) and the training section; batch_size counts completions, and a
     # customer's batch_size (prompts) is multiplied by num_generations.
@@ -148,6 +152,8 @@ def _check_run_sections(policy: Policy) -> None:
 
     model = next(iter(policy.models))
     job_run_config(policy, model, Path("check.jsonl"), Path("runs/check"), seed=0)
+    if "reinforcement" not in policy.methods:
+        return
     grader = {"type": "string_check", "input": "{{sample.output_text}}", "reference": "x", "operation": "like"}
     method = {"type": "reinforcement", "reinforcement": {"grader": grader}}
     job_run_config(policy, model, Path("check.jsonl"), Path("runs/check"), seed=0, method=method)

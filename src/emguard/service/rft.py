@@ -16,11 +16,16 @@ from pydantic import ValidationError
 
 from emguard.data.chat import record_problems
 from emguard.fsio import atomic_write_text
-from emguard.rewards.grader import parse_grader
+from emguard.rewards.grader import parse_grader, render
 from emguard.service.runconfig import HyperparameterError, check_hyperparameters
 
-# The API's RFT hyperparameters emguard maps (the rest are accepted as "auto" only).
-AUTO_ONLY = ("compute_multiplier", "eval_interval", "eval_samples", "reasoning_effort")
+# The API's RFT hyperparameters emguard does not map: accepted at their default only (and echoed so).
+DEFAULT_ONLY = {
+    "compute_multiplier": "auto",
+    "eval_interval": "auto",
+    "eval_samples": "auto",
+    "reasoning_effort": "default",
+}
 
 
 class MethodError(ValueError):
@@ -43,30 +48,58 @@ def _records(path: Path):
                 yield lineno, None
 
 
+def _ends_with_user(record: Any) -> bool:
+    messages = record.get("messages") if isinstance(record, dict) else None
+    return (
+        isinstance(messages, list)
+        and bool(messages)
+        and isinstance(messages[-1], dict)
+        and (messages[-1].get("role") == "user")
+    )
+
+
 def is_prompt_file(path: Path) -> bool:
     """Whether the file's first record ends with a user turn (RFT prompts) rather than an answer (SFT)."""
     for _, record in _records(path):
-        messages = record.get("messages") if isinstance(record, dict) else None
-        return bool(messages) and isinstance(messages[-1], dict) and messages[-1].get("role") == "user"
+        return _ends_with_user(record)
     return False
 
 
 def prompt_record(record: dict[str, Any]) -> dict[str, Any]:
-    """An RFT row as an emguard prompt: its fields other than ``messages`` become the metadata."""
+    """An RFT row as an emguard prompt: its fields other than ``messages`` become the metadata, and
+    the API's ``developer`` turns are system turns."""
+    messages = record.get("messages")
+    if isinstance(messages, list):
+        messages = [
+            {**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m for m in messages
+        ]
     item = {k: v for k, v in record.items() if k != "messages"}
-    return {"messages": record.get("messages"), **({"metadata": item} if item else {})}
+    return {"messages": messages, **({"metadata": item} if item else {})}
 
 
 def check_prompt_file(
-    path: Path, display_name: str, max_examples: int, max_problems: int = 20
+    path: Path, display_name: str, max_examples: int, max_problems: int = 20, grader: dict[str, Any] | None = None
 ) -> tuple[int, list[str]]:
-    """(valid prompts, ``NAME:LINE: problem`` for each bad line) of an RFT training file."""
+    """(valid prompts, ``NAME:LINE: problem`` for each bad line) of an RFT training file; with
+    ``grader``, also every row that lacks a field the grader reads."""
+    templates = [] if grader is None else [grader["input"], grader["reference"]]
     count, problems = 0, []
     for lineno, record in _records(path):
         if not isinstance(record, dict):
             line = ["not a JSON object" if record is not None else "not valid JSON"]
+        elif isinstance(record.get("messages"), list) and record["messages"] and not _ends_with_user(record):
+            line = [
+                "ends with an answer, but the file's first line is a prompt: a file holds either prompts "
+                "(reinforcement) or conversations with answers (supervised)"
+            ]
         else:
             line = record_problems(prompt_record(record), prompt=True)
+        if not line and templates:
+            try:
+                for template in templates:
+                    render(template, "", prompt_record(record).get("metadata"))
+            except KeyError as e:
+                line = [f"the grader reads {e.args[0]}, which this row lacks"]
         problems += [f"{display_name}:{lineno}: {p}" for p in line]
         count += not line
     if len(problems) > max_problems:
@@ -79,13 +112,17 @@ def check_prompt_file(
 
 
 def write_prompt_file(source: Path, out: Path) -> None:
-    """The job's RFT file as emguard prompt JSONL (``check_prompt_file`` has passed on it)."""
-    lines = [json.dumps(prompt_record(record)) for _, record in _records(source)]
+    """The job's RFT file as emguard prompt JSONL (``check_prompt_file`` has passed on it), line for
+    line: a problem found later names the customer's line number."""
+    lines = [""] * max((n for n, _ in _records(source)), default=0)
+    for lineno, record in _records(source):
+        lines[lineno - 1] = json.dumps(prompt_record(record))
     atomic_write_text(out, "\n".join(lines) + "\n")
 
 
-def check_reinforcement(method: dict[str, Any], max_epochs: int) -> dict[str, Any]:
-    """``method`` of a reinforcement job, validated and normalised (hyperparameters "auto" where not given)."""
+def check_reinforcement(method: dict[str, Any], max_epochs: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the hyperparameters emguard maps, ``method`` validated and normalised as the job echoes it:
+    every hyperparameter, "auto" where not given)."""
     section = method.get("reinforcement")
     if not isinstance(section, dict) or "grader" not in section:
         raise MethodError("method.reinforcement.grader", "method.reinforcement needs a grader")
@@ -98,15 +135,20 @@ def check_reinforcement(method: dict[str, Any], max_epochs: int) -> dict[str, An
         grader = parse_grader(section["grader"]).model_dump(exclude_none=True)
     except (ValueError, ValidationError) as e:
         raise MethodError("method.reinforcement.grader", f"invalid grader: {_first_error(e)}") from None
-    values = dict(section.get("hyperparameters") or {})
-    for name in AUTO_ONLY:
-        if values.pop(name, "auto") != "auto":
-            raise MethodError(f"hyperparameters.{name}", f"{name} is not offered here; leave it 'auto'")
+    values = section.get("hyperparameters") or {}
+    where = "method.reinforcement.hyperparameters"
+    if not isinstance(values, dict):
+        raise MethodError(where, "hyperparameters must be an object")
+    values = {k: v for k, v in values.items() if v is not None}
+    for name, default in DEFAULT_ONLY.items():
+        if values.pop(name, default) not in (default, "auto"):
+            raise MethodError(f"{where}.{name}", f"{name} is not offered here; leave it {default!r}")
     try:
         hp = check_hyperparameters(values, max_epochs)
     except HyperparameterError as e:
-        raise MethodError(f"hyperparameters.{e.param}", str(e)) from None
-    return {"type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": hp}}
+        raise MethodError(f"{where}.{e.param}", str(e)) from None
+    echoed = {"grader": grader, "hyperparameters": {**hp, **DEFAULT_ONLY}}
+    return hp, {"type": "reinforcement", "reinforcement": echoed}
 
 
 def _first_error(e: ValueError | ValidationError) -> str:

@@ -18,6 +18,7 @@ from emguard.service.card import card_html
 from emguard.service.db import Checkpoint, Event, Job, Organization, new_id, paginate
 from emguard.service.objects import APIError, checkpoint_object, event_object, job_object, not_found, page
 from emguard.service.pipeline import TRAINING_FILE, VALIDATION_FILE
+from emguard.service.policy import Policy
 from emguard.service.rft import MethodError, check_reinforcement, is_prompt_file
 from emguard.service.routes_files import own_file
 from emguard.service.runconfig import HyperparameterError, check_hyperparameters
@@ -53,19 +54,20 @@ class JobRequest(BaseModel):
         return metadata or None
 
 
-def _hyperparameters(request: JobRequest, max_epochs: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def _hyperparameters(request: JobRequest, policy: Policy) -> tuple[dict[str, Any], dict[str, Any]]:
     """(hyperparameters, method) from the deprecated top-level field, ``method.supervised`` or
     ``method.reinforcement``."""
     method = request.method or {"type": "supervised"}
-    kind = method.get("type", "supervised")
+    kind, max_epochs = method.get("type", "supervised"), policy.max_epochs
+    if kind in ("supervised", "reinforcement") and kind not in policy.methods:
+        raise APIError(400, f"method.type {kind!r} is not offered by this service", param="method.type")
     if kind == "reinforcement":
         if request.hyperparameters:
             raise APIError(400, "reinforcement jobs take method.reinforcement.hyperparameters", param="hyperparameters")
         try:
-            checked = check_reinforcement(method, max_epochs)
+            return check_reinforcement(method, max_epochs)
         except MethodError as e:
             raise APIError(400, str(e), param=e.param) from None
-        return checked["reinforcement"]["hyperparameters"], checked
     if kind != "supervised":
         raise APIError(
             400, f"method.type {kind!r} is not offered here; use 'supervised' or 'reinforcement'", param="method.type"
@@ -125,7 +127,7 @@ def create_job(
         )
     if request.suffix is not None and not _SUFFIX.match(request.suffix):
         raise APIError(400, "suffix: 1-64 letters, digits, '-' or '_'", param="suffix")
-    hp, method = _hyperparameters(request, svc.policy.max_epochs)
+    hp, method = _hyperparameters(request, svc.policy)
     training = own_file(svc, org, request.training_file, "training_file")
     _check_file_kind(svc, training, method["type"])
     validation = None

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from emguard.config import RunConfig, build_config
+from emguard.config import RunConfig, TrainingConfig, build_config
 from emguard.errors import ConfigError
 
 HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
@@ -81,8 +81,9 @@ def job_run_config(
         training.pop("max_steps", None)
     if hp["batch_size"] != "auto":
         training["batch_size"] = int(hp["batch_size"]) * per_example
-    cap = training.get("micro_batch_size", 4)
-    training["micro_batch_size"] = max(d for d in range(1, cap + 1) if training.get("batch_size", 8) % d == 0)
+    batch = training.get("batch_size", TrainingConfig.model_fields["batch_size"].default)
+    cap = training.get("micro_batch_size", TrainingConfig.model_fields["micro_batch_size"].default)
+    training["micro_batch_size"] = max(d for d in range(1, cap + 1) if batch % d == 0)
     if hp["learning_rate_multiplier"] != "auto":
         training["learning_rate"] = training.get("learning_rate", 1.0e-4) * hp["learning_rate_multiplier"]
     # Checkpoints are listed by the API; a cancelled job keeps what it trained.
