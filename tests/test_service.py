@@ -158,6 +158,20 @@ def test_screen_rejects_or_adds_defenses_by_policy(tmp_path, tiny_model_dir):
         assert job.status == "succeeded" and job.model_extra["safety_card"]["defenses"] == ["kl", "ldifs"]
         assert job.model_extra["safety_card"]["screen"]["decision"] == "extra_defenses"
 
+    # The provider's own persona vector for a model replaces the default direction.
+    import torch
+    from safetensors.torch import save_file
+
+    vector = tmp_path / "persona.safetensors"
+    save_file({"v": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))}, str(vector))
+    policy = tiny_policy(tiny_model_dir, screen={"vectors": {TINY: {"file": str(vector), "layer": 0}}})
+    with running_service(tmp_path / "vector", policy) as svc:
+        client = svc.client()
+        job = svc.wait(client, client.fine_tuning.jobs.create(training_file=upload(client).id, model=TINY).id)
+        report = json.loads((svc.state / "jobs" / job.id / "screen.json").read_text())["report"]
+        assert job.status == "succeeded" and (report["vector"], report["layer"]) == (str(vector), 0)
+        assert str(vector) not in json.dumps(job.model_extra["safety_card"])  # the provider's set-up stays hidden
+
 
 def test_cross_tenant_requests_all_404(tmp_path, tiny_model_dir):
     with running_service(tmp_path, tiny_policy(tiny_model_dir)) as svc:
@@ -454,6 +468,9 @@ def test_a_bad_policy_names_the_key(tmp_path):
         load_policy(path)
     path.write_text("defenses: [{name: klx}]\n")
     with pytest.raises(ConfigError, match="klx"):
+        load_policy(path)
+    path.write_text("screen: {vectors: {gpt-4o: {file: v.safetensors}}}\n")
+    with pytest.raises(ConfigError, match="screen.vectors: 'gpt-4o' is not one of the policy's models"):
         load_policy(path)
 
 

@@ -81,7 +81,10 @@ def safety_card(
         "note": "The likelihood probe is a judge-free proxy measured on fixed answer pairs, not a rate of "
         "misaligned answers; a judged EM rate appears when the provider configured a judge.",
     }
-    provider = {**card, "thresholds": {"release": policy.release.model_dump(), "screen": policy.screen.model_dump()}}
+    provider = {
+        **card,
+        "thresholds": {"release": policy.release.model_dump(), "screen": policy.screen.model_dump(mode="json")},
+    }
     return card, provider
 
 

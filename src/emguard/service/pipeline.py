@@ -181,7 +181,7 @@ def _stages(ctx: JobContext, job: Job, org_name: str, job_dir: Path, train_file:
         ctx.event("Screen: not applicable (reinforcement data holds prompts, no answers)")
         screen = {"risk_score": None, "decision": "not_applicable", "examples": count}
     else:
-        screen = _screen(ctx, model_spec, job_dir, train_file)
+        screen = _screen(ctx, job.model, job_dir, train_file)
     run_dir = ctx.state.run_dir(job.id)
     if screen is not None and screen["decision"] == "reject":
         _write_card(ctx, job, screen, [], {}, None, False, ["the training data's screen risk is above the limit"])
@@ -258,7 +258,7 @@ def _stages(ctx: JobContext, job: Job, org_name: str, job_dir: Path, train_file:
         )
 
 
-def _screen(ctx: JobContext, model_spec: str, job_dir: Path, train_file: Path) -> dict[str, Any] | None:
+def _screen(ctx: JobContext, model_id: str, job_dir: Path, train_file: Path) -> dict[str, Any] | None:
     from emguard.persona.screen import run_screen
 
     policy = ctx.policy.screen
@@ -268,9 +268,12 @@ def _screen(ctx: JobContext, model_spec: str, job_dir: Path, train_file: Path) -
     if path.exists():
         return json.loads(path.read_text())
     ctx.event("Screening the training data")
+    vector = policy.vectors.get(model_id)
     (report,) = run_screen(
         [str(train_file)],
-        model_spec=model_spec,
+        model_spec=ctx.policy.models[model_id],
+        vector_file=vector.file if vector else None,
+        layer=vector.layer if vector else None,
         pool_size=policy.pool_size,
         max_examples=policy.max_examples,
         progress=False,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from emguard.errors import ConfigError
 
@@ -28,10 +28,21 @@ class Limits(_Strict):
     max_active_jobs: int = Field(4, gt=0)  # per organisation: queued or running
 
 
+class ScreenVector(_Strict):
+    file: Path  # a persona vector (emguard persona extract) of this model
+    layer: int | None = None  # its decoder block; default: the middle one
+
+
 class ScreenPolicy(_Strict):
-    """``emguard screen`` before training; ``risk_score`` is in safe-pool standard deviations."""
+    """``emguard screen`` before training; ``risk_score`` is in safe-pool standard deviations.
+
+    ``vectors``: per customer-facing model id, the persona vector to screen with; a model without one
+    uses its default contrastive direction (computed once, cached), a weaker screen on the built-in
+    model (README, dataset screen).
+    """
 
     enabled: bool = True
+    vectors: dict[str, ScreenVector] = Field(default_factory=dict)
     max_examples: int | None = Field(64, gt=0)  # a seeded sample of the upload is screened
     pool_size: int = Field(128, gt=0)
     reject_above: float | None = None  # the job fails with error.code dataset_rejected
@@ -118,6 +129,15 @@ class Policy(_Strict):
         if not models:
             raise ValueError("list at least one model customers may fine-tune")
         return models
+
+    @model_validator(mode="after")
+    def _screen_vectors_exist(self) -> Policy:
+        for model, vector in self.screen.vectors.items():
+            if model not in self.models:
+                raise ValueError(f"screen.vectors: {model!r} is not one of the policy's models")
+            if not vector.file.is_file():
+                raise ValueError(f"screen.vectors.{model}.file: {vector.file} is not a file")
+        return self
 
     def probe_pairs(self) -> list[str]:
         pairs = list(self.eval.get("probe", {}).get("pairs", []))
