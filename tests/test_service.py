@@ -578,7 +578,9 @@ def test_reinforcement_jobs_train_with_grpo_on_the_customers_grader_behind_the_s
         prompts = upload(client, rft_rows(), name="rft.jsonl")
         conversations = upload(client)
         hp = {"batch_size": 2, "reasoning_effort": "default", "eval_samples": None}  # defaults are accepted
-        method = {"type": "reinforcement", "reinforcement": {"grader": GRADER, "hyperparameters": hp}}
+        # Reward 1 exactly when the row's answer reaches the grader in training (the input holds it).
+        reached = {**GRADER, "input": "{{item.answer}}: {{sample.output_text}}"}
+        method = {"type": "reinforcement", "reinforcement": {"grader": reached, "hyperparameters": hp}}
         job = client.fine_tuning.jobs.create(training_file=prompts.id, model=TINY, method=method, suffix="rft")
         assert job.method.type == "reinforcement" and job.method.reinforcement.grader.operation == "like"
         echoed = job.method.reinforcement.hyperparameters
@@ -588,7 +590,7 @@ def test_reinforcement_jobs_train_with_grpo_on_the_customers_grader_behind_the_s
         events = [e.message for e in reversed(client.fine_tuning.jobs.list_events(job.id, limit=100).data)]
         assert "Screen: not applicable (reinforcement data holds prompts, no answers)" in events
         steps = [m for m in events if m.startswith("Step ")]
-        assert len(steps) == 2 and all(", reward=" in m for m in steps), steps
+        assert len(steps) == 2 and all(m.endswith(", reward=1.000") for m in steps), steps
         card = job.model_extra["safety_card"]
         assert card["screen"]["decision"] == "not_applicable" and card["defenses"] == ["kl"]
         assert card["decision"] == "released" and "builtin:general" in card["evaluation"]["probe"]
@@ -663,6 +665,10 @@ def test_reinforcement_jobs_train_with_grpo_on_the_customers_grader_behind_the_s
             upload(client, [rft_rows(1)[0], *training_rows(1)], name="rft.jsonl")
         with pytest.raises(openai.BadRequestError, match=r"x.jsonl:1: 'messages' must be a non-empty list"):
             upload(client, [{"messages": 5}], name="x.jsonl")  # a 400, not a crash of the kind detection
+        bom = b"\xef\xbb\xbf" + jsonl_bytes(rft_rows())  # decoded as emguard data check decodes it
+        with_bom = client.files.create(file=("bom.jsonl", bom), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(training_file=with_bom.id, model=TINY, method=method)  # seen as prompts
+        client.fine_tuning.jobs.cancel(job.id)
 
     with running_service(tmp_path / "sft-only", tiny_policy(tiny_model_dir, methods=["supervised"]), workers=0) as svc:
         file_id = upload(svc.client(), rft_rows()).id

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,34 +197,39 @@ def _scan(
     examples: list[ChatExample] = []
     problems: list[str] = []
     seen: dict[str, int] = {}
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            line_problems, record = _decode_line(raw, first=lineno == 1)
-            if record is _BLANK:
-                continue
-            if not line_problems:
-                line_problems = record_problems(record, prompt)
-            if not line_problems:
-                messages = tuple(record["messages"])
-                if max_chars is not None and (n := content_chars(messages)) > max_chars:
-                    line_problems.append(f"conversation is {n} characters long, over the limit of {max_chars}")
-                if unique:
-                    key = conversation_key(messages)
-                    if key in seen:
-                        line_problems.append(f"duplicate of line {seen[key]}")
-                    else:
-                        seen[key] = lineno
-            if line_problems:
-                problems.extend(f"{where}: {p}" for p in line_problems)
-            else:
-                examples.append(ChatExample(messages, str(path), lineno, metadata=record.get("metadata")))
+    for lineno, line_problems, record in jsonl_records(path):
+        if not line_problems:
+            line_problems = record_problems(record, prompt)
+        if not line_problems:
+            messages = tuple(record["messages"])
+            if max_chars is not None and (n := content_chars(messages)) > max_chars:
+                line_problems.append(f"conversation is {n} characters long, over the limit of {max_chars}")
+            if unique:
+                key = conversation_key(messages)
+                if key in seen:
+                    line_problems.append(f"duplicate of line {seen[key]}")
+                else:
+                    seen[key] = lineno
+        if line_problems:
+            problems.extend(f"{path}:{lineno}: {p}" for p in line_problems)
+        else:
+            examples.append(ChatExample(messages, str(path), lineno, metadata=record.get("metadata")))
     if not examples and not problems:
         problems.append(f"{path}: no examples (the file is empty)")
     return examples, problems
 
 
 _BLANK = object()
+
+
+def jsonl_records(path: Path) -> Iterator[tuple[int, list[str], Any]]:
+    """(line number, decoding problems, the decoded JSON value or None) per non-blank line: UTF-8
+    (a byte-order mark allowed on line 1), one JSON value per line."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            problems, record = _decode_line(raw, first=lineno == 1)
+            if record is not _BLANK:
+                yield lineno, problems, record
 
 
 def _decode_line(raw: bytes, *, first: bool) -> tuple[list[str], Any]:

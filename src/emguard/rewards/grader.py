@@ -33,21 +33,20 @@ _TEMPLATE = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
 _SAMPLE_FIELDS = ("output_text",)
 
 
-class StringCheck(BaseModel):
+class _Grader(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    type: Literal["string_check"]
     name: str | None = None
-    input: str
+    input: str  # templates
     reference: str
+
+
+class StringCheck(_Grader):
+    type: Literal["string_check"]
     operation: Literal["eq", "ne", "like", "ilike"]
 
 
-class TextSimilarity(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TextSimilarity(_Grader):
     type: Literal["text_similarity"]
-    name: str | None = None
-    input: str
-    reference: str
     evaluation_metric: Literal["fuzzy_match"]
     pass_threshold: float | None = None  # the Evals API's field; a reward uses the score itself
 

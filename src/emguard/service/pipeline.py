@@ -159,7 +159,7 @@ def _stages(ctx: JobContext, job: Job, org_name: str, job_dir: Path, train_file:
     validation_file = job_dir / VALIDATION_FILE if job.validation_file else None
     if reinforcement:  # RFT rows -> emguard prompts (the grader's fields as metadata), checked with the tokenizer
         grader = job.method["reinforcement"]["grader"]
-        count, problems = check_prompt_file(train_file, job.training_file, policy.limits.max_examples, grader=grader)
+        count, problems = check_prompt_file(train_file, job.training_file, grader=grader)
         if problems:
             raise JobFailed("invalid_training_file", "; ".join(problems[:10]))
         write_prompt_file(train_file, job_dir / PROMPTS_FILE)

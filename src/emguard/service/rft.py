@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from emguard.data.chat import record_problems
+from emguard.data.chat import jsonl_records, record_problems
 from emguard.fsio import atomic_write_text
 from emguard.rewards.grader import parse_grader, render
 from emguard.service.runconfig import HyperparameterError, check_hyperparameters
@@ -36,18 +36,6 @@ class MethodError(ValueError):
         self.param = param
 
 
-def _records(path: Path):
-    """(line number, decoded JSON or None when the line is not JSON) per non-blank line."""
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                yield lineno, json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                yield lineno, None
-
-
 def _ends_with_user(record: Any) -> bool:
     messages = record.get("messages") if isinstance(record, dict) else None
     return (
@@ -60,7 +48,7 @@ def _ends_with_user(record: Any) -> bool:
 
 def is_prompt_file(path: Path) -> bool:
     """Whether the file's first record ends with a user turn (RFT prompts) rather than an answer (SFT)."""
-    for _, record in _records(path):
+    for _, _, record in jsonl_records(path):
         return _ends_with_user(record)
     return False
 
@@ -77,45 +65,42 @@ def prompt_record(record: dict[str, Any]) -> dict[str, Any]:
     return {"messages": messages, **({"metadata": item} if item else {})}
 
 
-def check_prompt_file(
-    path: Path, display_name: str, max_examples: int, max_problems: int = 20, grader: dict[str, Any] | None = None
-) -> tuple[int, list[str]]:
+def check_prompt_file(path: Path, display_name: str, grader: dict[str, Any] | None = None) -> tuple[int, list[str]]:
     """(valid prompts, ``NAME:LINE: problem`` for each bad line) of an RFT training file; with
     ``grader``, also every row that lacks a field the grader reads."""
     templates = [] if grader is None else [grader["input"], grader["reference"]]
     count, problems = 0, []
-    for lineno, record in _records(path):
-        if not isinstance(record, dict):
-            line = ["not a JSON object" if record is not None else "not valid JSON"]
-        elif isinstance(record.get("messages"), list) and record["messages"] and not _ends_with_user(record):
-            line = [
-                "ends with an answer, but the file's first line is a prompt: a file holds either prompts "
-                "(reinforcement) or conversations with answers (supervised)"
-            ]
-        else:
-            line = record_problems(prompt_record(record), prompt=True)
-        if not line and templates:
-            try:
-                for template in templates:
-                    render(template, "", prompt_record(record).get("metadata"))
-            except KeyError as e:
-                line = [f"the grader reads {e.args[0]}, which this row lacks"]
+    for lineno, line, record in jsonl_records(path):
+        line = line or _row_problems(record, templates)  # decoding problems first
         problems += [f"{display_name}:{lineno}: {p}" for p in line]
         count += not line
-    if len(problems) > max_problems:
-        problems = [*problems[:max_problems], f"... and {len(problems) - max_problems} more problems"]
-    if not problems and not count:
-        problems = [f"{display_name}: no prompts (one JSON object with 'messages' per line)"]
-    if count > max_examples:
-        problems.append(f"{display_name}: {count} prompts, over this service's limit of {max_examples}")
     return count, problems
+
+
+def _row_problems(record: Any, templates: list[str]) -> list[str]:
+    if not isinstance(record, dict):
+        return ["expected a JSON object with a 'messages' list"]
+    if isinstance(record.get("messages"), list) and record["messages"] and not _ends_with_user(record):
+        return [
+            "ends with an answer, but the file's first line is a prompt: a file holds either prompts "
+            "(reinforcement) or conversations with answers (supervised)"
+        ]
+    prompt = prompt_record(record)
+    problems = record_problems(prompt, prompt=True)
+    try:
+        for template in [] if problems else templates:
+            render(template, "", prompt.get("metadata"))
+    except KeyError as e:
+        problems = [f"the grader reads {e.args[0]}, which this row lacks"]
+    return problems
 
 
 def write_prompt_file(source: Path, out: Path) -> None:
     """The job's RFT file as emguard prompt JSONL (``check_prompt_file`` has passed on it), line for
     line: a problem found later names the customer's line number."""
-    lines = [""] * max((n for n, _ in _records(source)), default=0)
-    for lineno, record in _records(source):
+    records = list(jsonl_records(source))
+    lines = [""] * (records[-1][0] if records else 0)
+    for lineno, _, record in records:
         lines[lineno - 1] = json.dumps(prompt_record(record))
     atomic_write_text(out, "\n".join(lines) + "\n")
 

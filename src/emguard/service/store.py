@@ -85,13 +85,14 @@ def check_training_file(
     """``emguard data check`` on an upload: (valid examples, problems naming the customer's file name).
     A file whose first record ends with a user turn is checked as reinforcement prompts."""
     if is_prompt_file(path):
-        return check_prompt_file(path, display_name, max_examples, max_problems)
-    examples, problems = check_chat_jsonl(path)
-    problems = [p.replace(str(path), display_name, 1) for p in problems]
+        count, problems = check_prompt_file(path, display_name)
+    else:
+        examples, problems = check_chat_jsonl(path)
+        count, problems = len(examples), [p.replace(str(path), display_name, 1) for p in problems]
     if len(problems) > max_problems:
         problems = [*problems[:max_problems], f"... and {len(problems) - max_problems} more problems"]
-    if not problems and not examples:
+    if not problems and not count:
         problems = [f"{display_name}: no training examples (one JSON object with 'messages' per line)"]
-    if len(examples) > max_examples:
-        problems.append(f"{display_name}: {len(examples)} examples, over this service's limit of {max_examples}")
-    return len(examples), problems
+    if count > max_examples:
+        problems.append(f"{display_name}: {count} examples, over this service's limit of {max_examples}")
+    return count, problems
